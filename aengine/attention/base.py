@@ -1,0 +1,62 @@
+"""The attention backend interface and the per-step forward context that layers read from
+(one global, set for the duration of a forward, instead of threading metadata through every layer)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from aengine.cache.pool import KVPool
+
+
+@dataclass
+class ForwardBatch:
+    """One step's tensors, on the model's device, plus the host-side lengths backends plan with."""
+
+    decode: bool
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    out_loc: torch.Tensor  # [T] flat KV slot (page * page_size + offset) of each new token
+    slots: torch.Tensor  # [B] request slot: the row of the page table
+    seq_lens: torch.Tensor  # [B] tokens in KV after this step
+    qo_indptr: torch.Tensor  # [B+1] where each sequence's new tokens start in the flat batch
+    sample_idx: torch.Tensor  # [S] rows of the flat batch whose next token is sampled
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend:
+    """Writes each layer's new K/V into the paged pool and attends over the cached context."""
+
+    def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **_: object) -> None:
+        self.pool, self.page_table, self.num_heads = pool, page_table, num_heads
+
+    def prepare(self, fb: ForwardBatch) -> None:
+        """Plan once per step; every layer then reuses the plan."""
+        self.fb = fb
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_current: list[AttentionBackend] = []
+
+
+def current() -> AttentionBackend:
+    return _current[-1]
+
+
+@contextlib.contextmanager
+def forward_context(backend: AttentionBackend) -> Iterator[None]:
+    _current.append(backend)
+    try:
+        yield
+    finally:
+        _current.pop()

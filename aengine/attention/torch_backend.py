@@ -1,0 +1,39 @@
+"""Reference attention in plain torch (CPU and CUDA): gather each sequence's K/V from its pages
+and run SDPA with a causal mask offset by the cached prefix. Slow and obviously right."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aengine.attention.base import AttentionBackend, ForwardBatch
+
+
+class TorchBackend(AttentionBackend):
+    def prepare(self, fb: ForwardBatch) -> None:
+        super().prepare(fb)
+        ps = self.pool.page_size
+        self.kv_idx: list[torch.Tensor] = []
+        offs = torch.arange(ps, device=fb.slots.device)
+        for i, n in enumerate(fb.seq_lens_cpu):
+            pages = self.page_table[fb.slots[i], : (n + ps - 1) // ps].long()
+            self.kv_idx.append((pages[:, None] * ps + offs).flatten()[:n])
+        self.qo = fb.qo_indptr.tolist()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        fb = self.fb
+        self.pool.store(layer, fb.out_loc, k, v)
+        kc, vc = self.pool.flat(layer)
+        out = torch.empty_like(q)
+        group = q.shape[1] // k.shape[1]
+        for i, n in enumerate(fb.seq_lens_cpu):
+            s, e = self.qo[i], self.qo[i + 1]
+            qi = q[s:e].transpose(0, 1)  # [H, q, D]
+            ki = kc[self.kv_idx[i]].transpose(0, 1).repeat_interleave(group, 0)
+            vi = vc[self.kv_idx[i]].transpose(0, 1).repeat_interleave(group, 0)
+            qlen = e - s
+            # query j sits at absolute position n - qlen + j and sees keys up to it
+            ar = torch.arange(n, device=q.device)
+            mask = ar[None, :] <= ar[n - qlen :, None]
+            out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(0, 1)
+        return out

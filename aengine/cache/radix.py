@@ -1,0 +1,132 @@
+"""The prefix cache: a radix tree over token ids whose edges hold KV pages (page-aligned keys).
+A node with ref > 0 is in use by a running request; unreferenced leaves are evicted LRU-first."""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from aengine.cache.allocator import PageAllocator
+
+
+class Node:
+    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access")
+
+    def __init__(self, key: list[int], pages: list[int], parent: Node | None) -> None:
+        self.key, self.pages, self.parent = key, pages, parent
+        self.children: dict[tuple[int, ...], Node] = {}
+        self.ref = 0
+        self.last_access = time.monotonic()
+
+
+class RadixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        self.alloc, self.ps = allocator, page_size
+        self.root = Node([], [], None)
+        self.root.ref = 1  # never evicted
+        self.evictable_pages = 0
+        self.locked_pages = 0
+        self.evicted_pages = 0
+
+    @property
+    def total_pages(self) -> int:
+        return self.evictable_pages + self.locked_pages
+
+    def _common(self, key: list[int], tokens: list[int], start: int) -> int:
+        """Length of the page-aligned common prefix of key and tokens[start:]."""
+        n, ps = 0, self.ps
+        while n < len(key) and key[n : n + ps] == tokens[start + n : start + n + ps]:
+            n += ps
+        return n
+
+    def _split(self, node: Node, n: int) -> Node:
+        """Cut node after n tokens; the new upper node keeps node's place and lock count."""
+        upper = Node(node.key[:n], node.pages[: n // self.ps], node.parent)
+        upper.ref, upper.last_access = node.ref, node.last_access
+        upper.children[tuple(node.key[n : n + self.ps])] = node
+        node.parent.children[tuple(upper.key[: self.ps])] = upper
+        node.key, node.pages, node.parent = node.key[n:], node.pages[n // self.ps :], upper
+        return upper
+
+    def _walk(self, tokens: list[int]) -> tuple[Node, list[int], int]:
+        """Follow tokens down the tree; (deepest node fully matched, its path's pages, tokens matched)."""
+        node, pages, i, now = self.root, [], 0, time.monotonic()
+        limit = len(tokens) - len(tokens) % self.ps
+        while i < limit:
+            child = node.children.get(tuple(tokens[i : i + self.ps]))
+            if child is None:
+                break
+            n = self._common(child.key, tokens[:limit], i)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = now
+            pages.extend(child.pages)
+            node, i = child, i + n
+        return node, pages, i
+
+    def match(self, tokens: list[int]) -> tuple[list[int], Node]:
+        """Longest cached page-aligned prefix of tokens: its pages and its last node."""
+        node, pages, _ = self._walk(tokens)
+        return pages, node
+
+    def insert(self, tokens: list[int], pages: list[int]) -> tuple[list[int], Node]:
+        """Cache the page-aligned prefix of tokens with the given pages. Returns the pages the tree
+        now holds for that prefix (where they differ from `pages`, the caller's are duplicates)
+        and the last node."""
+        node, have, i = self._walk(tokens)
+        limit = len(tokens) - len(tokens) % self.ps
+        if i < limit:
+            new = Node(list(tokens[i:limit]), list(pages[i // self.ps : limit // self.ps]), node)
+            node.children[tuple(new.key[: self.ps])] = new
+            self.evictable_pages += len(new.pages)
+            have = have + new.pages
+            node = new
+        return have, node
+
+    def lock(self, node: Node) -> None:
+        while node is not self.root:
+            if node.ref == 0:
+                self.evictable_pages -= len(node.pages)
+                self.locked_pages += len(node.pages)
+            node.ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not self.root:
+            node.ref -= 1
+            assert node.ref >= 0, "radix node unlocked more often than locked"
+            if node.ref == 0:
+                self.locked_pages -= len(node.pages)
+                self.evictable_pages += len(node.pages)
+            node = node.parent
+
+    def evict(self, n_pages: int) -> int:
+        """Free at least n_pages from unreferenced leaves, least recently used first; returns freed."""
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if n.ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < n_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            self.alloc.free(node.pages)
+            freed += len(node.pages)
+            self.evictable_pages -= len(node.pages)
+            parent = node.parent
+            del parent.children[tuple(node.key[: self.ps])]
+            if parent is not self.root and parent.ref == 0 and not parent.children:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        self.evicted_pages += freed
+        return freed
+
+    def clear(self) -> None:
+        """Drop every unreferenced node (all of them when nothing runs)."""
+        self.evict(self.evictable_pages)
+
+    def _leaves(self) -> list[Node]:
+        out, stack = [], [self.root]
+        while stack:
+            n = stack.pop()
+            if n.children:
+                stack.extend(n.children.values())
+            elif n is not self.root:
+                out.append(n)
+        return out

@@ -1,0 +1,175 @@
+"""AsyncEngine: the one object both front ends (offline LLM, WebSocket server) drive. It loads the
+model, owns the scheduler coroutine, validates requests and turns prompts into token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aengine.config import EngineConfig
+from aengine.engine.executor import Executor
+from aengine.engine.runner import ModelRunner
+from aengine.scheduler.request import ContextLengthExceeded, EmitFn, InvalidRequest, Req, SamplingParams
+from aengine.scheduler.scheduler import Scheduler
+from aengine.tokenizer import Tokenizer
+from aengine.weights import resolve_model
+
+log = logging.getLogger("aengine")
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+def load_hf_config(path: Path) -> object:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the model config in {str(path)!r}: {e}") from e
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+class AsyncEngine:
+    def __init__(self, cfg: EngineConfig | None = None, **kw: object) -> None:
+        cfg = (cfg or EngineConfig()).replace(**kw)
+        self.cfg = cfg
+        self.path = resolve_model(cfg.model)
+        self.hf_config = load_hf_config(self.path)
+        from aengine.models import model_class
+
+        model_class(self.hf_config)  # fail early on an unknown architecture
+        tok_path = Path(cfg.tokenizer) if cfg.tokenizer else self.path
+        if not has_tokenizer(tok_path):
+            log.warning("no tokenizer in %s; using the embedded model's tokenizer", tok_path)
+            tok_path = resolve_model(None)
+        self.tokenizer = Tokenizer(tok_path)
+        self.model_name = cfg.model or "SmolLM2-135M-Instruct"
+        self.runner, self.executor = self._build_runner(cfg)
+        self.max_model_len = self.runner.max_model_len
+        self.scheduler: Scheduler | None = None
+        self.task: asyncio.Task | None = None
+
+    def _build_runner(self, cfg: EngineConfig) -> tuple[ModelRunner, Executor]:
+        if cfg.tp > 1 or cfg.nnodes > 1:
+            from aengine.distributed_launch import start_tp
+
+            return start_tp(cfg, self.hf_config, self.path)
+        runner = ModelRunner(cfg, self.hf_config, self.path)
+        return runner, Executor(runner)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.task is not None:
+            return
+        r = self.runner
+        self.scheduler = Scheduler(
+            self.executor, self.tokenizer.eos_ids, page_size=r.page_size, num_pages=r.num_pages,
+            max_running=self.cfg.max_running_requests, max_prefill_tokens=self.cfg.max_prefill_tokens,
+            max_model_len=r.max_model_len, cache=self.cfg.cache, overlap=not self.cfg.disable_overlap)
+        self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
+
+    async def shutdown(self) -> None:
+        if self.task is None:
+            return
+        self.scheduler.stop()
+        for rid in list(self.scheduler.by_id):
+            self.scheduler.abort(rid)
+        try:
+            await self.task
+        finally:
+            self.task = None
+            self.executor.shutdown()
+
+    # ---- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               input_ids: list[int] | None = None) -> list[int]:
+        """Token ids of exactly one of prompt / messages / input_ids (may take a while: call it
+        off the event loop for long inputs)."""
+        given = [x is not None for x in (prompt, messages, input_ids)]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, messages, input_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequest("prompt must be a string")
+            ids = self.tokenizer.encode(prompt)
+        elif messages is not None:
+            if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise InvalidRequest("messages must be a non-empty list of {role, content} strings")
+            ids = self.tokenizer.apply_chat_template(messages)
+        else:
+            ids = input_ids
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise InvalidRequest("input_ids must be a list of integers")
+            vocab = self.hf_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"input_ids out of range [0, {vocab}): {bad[:5]}")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return list(ids)
+
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> Req:
+        if self.scheduler is None or self.task is None:
+            raise RuntimeError("engine not started")
+        if self.task.done():
+            raise RuntimeError("the engine stopped after a fault")
+        params.validate()
+        n, limit = len(prompt_ids), self.max_model_len
+        if n >= limit:
+            raise ContextLengthExceeded(
+                f"the prompt has {n} tokens; this engine's context is {limit} tokens "
+                f"(including at least one generated token)")
+        if params.max_tokens is None:
+            max_tokens = limit - n
+        elif n + params.max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {limit} tokens")
+        else:
+            max_tokens = params.max_tokens
+        for t in params.stop_token_ids or []:
+            if not 0 <= t < self.hf_config.vocab_size:
+                raise InvalidRequest(f"stop_token_ids holds {t}, outside the vocabulary")
+        if rid in self.scheduler.by_id:
+            raise InvalidRequest(f"request id {rid!r} is already running")
+        req = Req(rid, prompt_ids, params, self.tokenizer.detokenizer(params.stop_list), emit, max_tokens)
+        self.scheduler.add(req)
+        return req
+
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        q: asyncio.Queue[Delta] = asyncio.Queue()
+        self.submit(rid, prompt_ids, params, lambda r, ids, text, fin: q.put_nowait(Delta(ids, text, fin)))
+        try:
+            while True:
+                d = await q.get()
+                yield d
+                if d.finish_reason is not None:
+                    return
+        finally:
+            self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.abort(rid)
+
+    # ---- introspection (metrics, tests) ----------------------------------------------------
+    def kv_usage(self) -> dict[str, int]:
+        s = self.scheduler
+        tree = s.tree
+        return {
+            "capacity": s.alloc.capacity, "free": s.alloc.num_free, "used": s.alloc.num_used,
+            "tree": tree.total_pages if tree else 0, "tree_evictable": tree.evictable_pages if tree else 0,
+        }

@@ -1,0 +1,153 @@
+"""The model runner: owns the model, the KV pool, the page table and the per-slot last sampled
+token, and turns one StepInput into sampled token ids on the device."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from aengine.attention import ForwardBatch, create_backend, forward_context
+from aengine.cache.pool import KVPool
+from aengine.config import EngineConfig
+from aengine.distributed import tp
+from aengine.engine.sampler import SamplingTensors, sample
+from aengine.engine.step import StepInput
+from aengine.models import model_class
+from aengine.weights import load_weights
+
+log = logging.getLogger("aengine")
+
+DEFAULT_PAGE = {"torch": 1, "fi": 1, "fa": 128}
+
+
+def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, cfg.dtype))
+    return device, dtype
+
+
+def attn_names(cfg: EngineConfig, device: torch.device) -> tuple[str, str]:
+    spec = cfg.attn if cfg.attn != "auto" else ("fi" if device.type == "cuda" else "torch")
+    parts = spec.split(",")
+    return parts[0], parts[-1]
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, hf_config: object, model_path: object) -> None:
+        self.cfg, self.hf = cfg, hf_config
+        self.device, self.dtype = resolve_device_dtype(cfg)
+        prefill_attn, decode_attn = attn_names(cfg, self.device)
+        self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
+        torch.manual_seed(cfg.seed)
+        with torch.device(self.device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                self.model = model_class(hf_config)(hf_config)
+            finally:
+                torch.set_default_dtype(prev)
+        load_weights(self.model, model_path, cfg.load_format, cfg.seed)
+        self.model.eval()
+        self.vocab = hf_config.vocab_size
+        attn = self.model.layers[0].self_attn
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_pages = cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim)
+        # every admitted request must fit in the pool alone, so preemption always makes progress
+        self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
+                                 (self.num_pages - 1) * self.page_size)
+        self.pool = KVPool(self.num_layers, self.num_pages, self.page_size, attn.n_kv_local, attn.head_dim,
+                           self.dtype, self.device)
+        self.max_slots = cfg.max_running_requests + 1  # +1: slot 0 is scratch for padded rows
+        max_pages = (self.max_model_len + self.page_size - 1) // self.page_size
+        self.page_table = torch.zeros(self.max_slots, max_pages, dtype=torch.int32, device=self.device)
+        self.last_tok = torch.zeros(self.max_slots, dtype=torch.int32, device=self.device)
+        kw = dict(pool=self.pool, page_table=self.page_table, num_heads=attn.n_local, cfg=cfg)
+        self.prefill_backend = create_backend(prefill_attn, **kw)
+        self.decode_backend = (self.prefill_backend if decode_attn == prefill_attn
+                               else create_backend(decode_attn, **kw))
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0:
+            from aengine.engine.cuda_graph import CudaGraphs
+
+            self.graphs = CudaGraphs(self, cfg.cuda_graph_max_bs)
+
+    def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
+        per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - self.cfg.gpu_memory_utilization)
+            tokens = int(budget // per_token)
+        else:
+            tokens = self.cfg.kv_cache_tokens
+        if tp().rank == 0:
+            log.info("KV cache: %d tokens, %.2f GiB", tokens, tokens * per_token / 2**30)
+        return max(2, tokens // self.page_size)
+
+    def _upload(self, ints: list[np.ndarray]) -> list[torch.Tensor]:
+        """One host-to-device copy for all of a step's int metadata."""
+        sizes = [len(a) for a in ints]
+        flat = torch.from_numpy(np.concatenate(ints).astype(np.int32, copy=False))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split(sizes))
+
+    @torch.inference_mode()
+    def step(self, inp: StepInput) -> torch.Tensor:
+        ps = self.page_size
+        ext = np.asarray(inp.extend_lens, dtype=np.int64)
+        seq = np.asarray(inp.seq_lens, dtype=np.int64)
+        slots = np.asarray(inp.slots, dtype=np.int64)
+        if inp.decode:
+            positions = seq - 1
+            tok_slots = slots
+        else:
+            starts = seq - ext
+            tok_slots = np.repeat(slots, ext)
+            positions = np.arange(int(ext.sum())) - np.repeat(np.cumsum(ext) - ext - starts, ext)
+        qo_indptr = np.concatenate([[0], np.cumsum(ext)])
+        sample_idx = qo_indptr[1:][inp.sample_rows] - 1
+        (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp) = self._upload([
+            slots, seq, qo_indptr, positions, tok_slots, sample_idx, np.asarray(inp.input_ids),
+            np.asarray(inp.pt_rows), np.asarray(inp.pt_cols), np.asarray(inp.pt_pages)])
+        if len(inp.pt_pages):
+            self.page_table[d_ptr.long(), d_ptc.long()] = d_ptp
+        pos = d_pos.long()
+        out_loc = self.page_table[d_tslots.long(), pos // ps].long() * ps + pos % ps
+        input_ids = self.last_tok[d_slots.long()] if inp.decode else d_ids
+        fb = ForwardBatch(inp.decode, input_ids, pos, out_loc, d_slots, d_seq, d_qo, d_sidx.long(),
+                          inp.seq_lens, inp.extend_lens)
+        if self.graphs is not None and inp.decode and self.graphs.can_run(fb):
+            logits = self.graphs.run(fb)
+        else:
+            backend = self.decode_backend if inp.decode else self.prefill_backend
+            backend.prepare(fb)
+            with forward_context(backend):
+                hidden = self.model(input_ids, pos)
+            logits = self.model.logits(hidden[fb.sample_idx])
+        ids = sample(logits, self._sampling(inp))
+        if len(inp.sample_rows):
+            self.last_tok[d_slots.long()[inp.sample_rows]] = ids
+        return ids
+
+    def _sampling(self, inp: StepInput) -> SamplingTensors:
+        dev = self.device
+        seeds = [(i, s, inp.seq_lens[r]) for i, (s, r) in enumerate(zip(inp.seeds, inp.sample_rows)) if s >= 0]
+        return SamplingTensors(
+            temperature=torch.tensor(inp.temperature, dtype=torch.float32).to(dev, non_blocking=True),
+            top_p=torch.tensor(inp.top_p, dtype=torch.float32).to(dev, non_blocking=True),
+            top_k=torch.tensor(inp.top_k, dtype=torch.int64).to(dev, non_blocking=True),
+            min_p=torch.tensor(inp.min_p, dtype=torch.float32).to(dev, non_blocking=True),
+            seeds=seeds,
+            all_greedy=not any(t > 0 for t in inp.temperature),
+            need_topk=any(k > 0 for k in inp.top_k),
+            need_topp=any(p < 1.0 for p in inp.top_p),
+            need_minp=any(p > 0 for p in inp.min_p),
+        )

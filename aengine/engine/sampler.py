@@ -1,0 +1,50 @@
+"""Sampling: greedy, temperature, top-k, top-p, min-p. A seeded row draws its noise from a
+generator seeded by (seed, position), so its tokens do not depend on what else is in the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor  # [S] float, 0 = greedy
+    top_p: torch.Tensor  # [S] float
+    top_k: torch.Tensor  # [S] int, 0 = off
+    min_p: torch.Tensor  # [S] float
+    seeds: list[tuple[int, int, int]]  # (row, seed, position) of seeded rows
+    all_greedy: bool
+    need_topk: bool
+    need_topp: bool
+    need_minp: bool
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """logits [S, V] float32 -> token ids [S] int32."""
+    greedy = logits.argmax(-1)
+    if st.all_greedy:
+        return greedy.int()
+    temp = st.temperature.unsqueeze(1)
+    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0), dim=-1)
+    if st.need_minp:
+        probs = probs.masked_fill(probs < st.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
+    if st.need_topk or st.need_topp:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        if st.need_topk:
+            rank = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+            k = st.top_k.unsqueeze(1)
+            sorted_p = sorted_p.masked_fill((k > 0) & (rank >= k), 0.0)
+        if st.need_topp:
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            before = sorted_p.cumsum(-1) - sorted_p
+            sorted_p = sorted_p.masked_fill(before >= st.top_p.unsqueeze(1) * sorted_p.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+    # exponential race: argmax p / E with E ~ Exp(1) draws from p (no normalisation needed)
+    noise = torch.empty_like(probs).exponential_()
+    for row, seed, pos in st.seeds:
+        g = torch.Generator(device=probs.device).manual_seed((seed * 1_000_003 + pos) & 0x7FFF_FFFF_FFFF_FFFF)
+        noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+    drawn = (probs / noise).argmax(-1)
+    return torch.where(st.temperature > 0, drawn, greedy).int()

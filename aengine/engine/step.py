@@ -1,0 +1,27 @@
+"""What the scheduler sends the model runner each step: plain lists, msgspec-encodable, so that
+tensor-parallel ranks receive exactly what rank 0 runs."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class StepInput(msgspec.Struct, array_like=True):
+    decode: bool
+    slots: list[int]  # request slot (page-table row) of each sequence
+    seq_lens: list[int]  # tokens in KV after this step
+    extend_lens: list[int]  # new tokens this step (1 for decode)
+    input_ids: list[int]  # prefill: the new tokens, flat; decode: empty (read on device)
+    sample_rows: list[int]  # sequences whose next token is sampled
+    pt_rows: list[int]  # page-table writes: page_table[row, col] = page
+    pt_cols: list[int]
+    pt_pages: list[int]
+    temperature: list[float]  # per sampled row
+    top_p: list[float]
+    top_k: list[int]
+    min_p: list[float]
+    seeds: list[int]  # -1: unseeded
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)

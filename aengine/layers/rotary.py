@@ -35,14 +35,22 @@ def _inv_freq(dim: int, theta: float, rp: dict) -> torch.Tensor:
     return inv
 
 
+_tables: dict[tuple, torch.Tensor] = {}
+
+
+def _cos_sin(head_dim: int, max_pos: int, theta: float, rp: dict, device: torch.device) -> torch.Tensor:
+    """cos | sin halves side by side (one gather per step for both); one table shared by all layers."""
+    key = (head_dim, max_pos, theta, repr(sorted(rp.items())), str(device))
+    if key not in _tables:
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), _inv_freq(head_dim, theta, rp))
+        _tables[key] = torch.cat([freqs.cos(), freqs.sin()], -1).float().to(device)
+    return _tables[key]
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_pos: int, theta: float, rp: dict) -> None:
         super().__init__()
-        inv = _inv_freq(head_dim, theta, rp)
-        t = torch.arange(max_pos, dtype=torch.float64)
-        freqs = torch.outer(t, inv)
-        # cos | sin halves side by side: one gather per step for both
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
+        self.cos_sin = _cos_sin(head_dim, max_pos, theta, rp, torch.empty(0).device)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -1,0 +1,110 @@
+"""CLI: python -m aengine [--host H] [--port P] [--model M] [engine options]. Every EngineConfig and
+ServerConfig field is a flag, generated from the dataclasses so that a new knob cannot be
+forgotten here; HELP documents them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from aengine.config import EngineConfig, ServerConfig
+
+HELP = {
+    # engine
+    "model": "HF model directory, .gguf file, or a config.json directory with --load-format dummy "
+             "(default: the embedded SmolLM2-135M-Instruct)",
+    "dtype": "weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+    "device": "auto (cuda when available, else cpu), cpu, cuda, cuda:N",
+    "load_format": "auto (from the files) or dummy (random weights from config.json, for benchmarks)",
+    "tokenizer": "tokenizer directory (default: the model directory)",
+    "seed": "seed for dummy weights and for requests that give no seed",
+    "page_size": "tokens per KV page (0: chosen per attention backend)",
+    "num_pages": "KV pages in the pool (0: from --kv-cache-tokens on CPU, --gpu-memory-utilization on CUDA)",
+    "kv_cache_tokens": "KV pool size in tokens on CPU",
+    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV pool",
+    "cache": "prefix cache: radix (share KV of common prefixes) or none",
+    "max_running_requests": "most requests in the running batch",
+    "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
+    "max_model_len": "context length in tokens (0: the model's max_position_embeddings)",
+    "disable_overlap": "run one batch at a time instead of launching batch N+1 before processing batch N",
+    "attn": "attention backend: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi",
+    "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph (0: no CUDA graphs)",
+    "tp": "tensor-parallel degree (GPUs per model replica)",
+    "nnodes": "number of nodes for multi-node tensor parallelism",
+    "node_rank": "this node's rank for multi-node tensor parallelism",
+    "dist_init_addr": "host:port of rank 0 for multi-node tensor parallelism",
+    # server
+    "host": "address to listen on (loopback by default; 0.0.0.0 exposes the server)",
+    "port": "TCP port for WebSocket, /health and /metrics",
+    "api_key": "require this key (Authorization: Bearer KEY, or ?api_key=KEY in the URL)",
+    "allowed_origins": "accepted Origin headers for browser clients (default: any); repeat or comma-separate",
+    "max_frame_bytes": "largest accepted client frame in bytes",
+    "max_requests_per_connection": "most live requests on one connection",
+    "max_connections": "most open WebSocket connections",
+    "max_waiting_requests": "queue length at which new requests are refused with overloaded",
+    "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
+    "send_buffer_bytes": "per-connection write buffer before the server waits for a slow client",
+    "drain_seconds": "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled",
+}
+CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"]}
+
+
+def _base_type(tp: Any) -> Any:
+    """int for `int | None`, list for `list[str]`, and so on."""
+    if get_origin(tp) in (Union, types.UnionType):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return get_origin(tp) or tp
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        doc = HELP.get(f.name, f.name.replace("_", " "))
+        if tp is bool:
+            group.add_argument(flag, action="store_true", help=doc)
+        elif tp is list:
+            group.add_argument(flag, action="append", default=None, metavar="X",
+                               help=doc)
+        else:
+            group.add_argument(flag, type=tp, default=default, choices=CHOICES.get(f.name),
+                               metavar=None if f.name in CHOICES else f.name.upper(),
+                               help=doc if "default" in doc else f"{doc} (default: {default})")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aengine",
+        description="Serve a model over WebSocket (protocol v1, docs/protocol.md) with GET /health and "
+                    "/metrics on the same port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
+    _add_fields(p, ServerConfig, "server")
+    _add_fields(p, EngineConfig, "engine")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging level (default: info)")
+    return p
+
+
+def _pick(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server_kw = _pick(ServerConfig, ns)
+    origins = server_kw.pop("allowed_origins") or []
+    server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
+    from aengine.server import run_server
+
+    return run_server(EngineConfig(**_pick(EngineConfig, ns)), server_cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Wire types of WebSocket protocol v1 (docs/protocol.md is the contract). JSON text frames,
+typed with msgspec so that a frame is validated while it is parsed, in one pass."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+# Unknown fields are refused rather than ignored: a misspelt "max_token" silently ignored would
+# generate up to the whole context.
+class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
+    id: Id
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    input_ids: list[int] | None = None
+    max_tokens: int | None = None  # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = True
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):
+    id: Id
+
+
+ClientMessage = Generate | Cancel
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="type"):
+    model: str
+    max_context: int
+    protocol: int = PROTOCOL_VERSION
+
+
+class Delta(msgspec.Struct, tag="delta", tag_field="type"):
+    id: str
+    text: str
+    token_ids: list[int]
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class Timing(msgspec.Struct):
+    ttft_ms: float  # 0 when no token was generated
+    total_ms: float
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
+    id: str
+    finish_reason: FinishReason
+    usage: Usage
+    timing: Timing
+    text: str | None = None  # the whole text, only when the request had stream=false
+
+
+ErrorCode = Literal["invalid_request", "context_length_exceeded", "overloaded", "unauthorized", "internal"]
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type"):
+    id: str | None
+    code: ErrorCode
+    message: str
+
+
+ServerMessage = Hello | Delta | Done | Error
+
+_decoder = msgspec.json.Decoder(ClientMessage)
+_encoder = msgspec.json.Encoder()
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid client message; id is the frame's id when one could be read."""
+
+    def __init__(self, message: str, id: str | None = None) -> None:
+        super().__init__(message)
+        self.id = id
+
+
+def decode(frame: str | bytes) -> ClientMessage:
+    try:
+        msg = _decoder.decode(frame)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(str(e), _salvage_id(frame)) from None
+    if isinstance(msg, Generate):
+        given = sum(x is not None for x in (msg.prompt, msg.messages, msg.input_ids))
+        if given != 1:
+            raise ProtocolError("give exactly one of prompt, messages, input_ids", msg.id)
+    return msg
+
+
+def _salvage_id(frame: str | bytes) -> str | None:
+    """The id of a frame that failed validation, so the client can match the error to its request."""
+    try:
+        obj = msgspec.json.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def encode(msg: ServerMessage) -> bytes:
+    return _encoder.encode(msg)

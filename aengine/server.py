@@ -1,0 +1,325 @@
+"""The WebSocket server: one uvloop event loop runs the websockets server and the scheduler
+coroutine. Each connection is a Session that multiplexes requests by the client's id; plain
+HTTP GET /health and /metrics are answered on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from aengine.config import EngineConfig, ServerConfig
+from aengine.engine.async_engine import AsyncEngine
+from aengine.metrics import Metrics
+from aengine.protocol import (
+    Cancel,
+    Delta,
+    Done,
+    Error,
+    Generate,
+    Hello,
+    ProtocolError,
+    ServerMessage,
+    Timing,
+    Usage,
+    decode,
+    encode,
+)
+from aengine.scheduler.request import EngineError, Req, SamplingParams
+
+log = logging.getLogger("aengine")
+
+
+@dataclass(eq=False)
+class Stream:
+    """One live request of a session, from its generate frame to its done (or error) frame."""
+
+    id: str
+    rid: str  # the engine's id: unique across connections
+    stream: bool
+    t0: float  # arrival of the generate frame
+    t_last: float = 0.0  # last token, for inter-token latency
+    submitted: bool = False  # False while its prompt is being tokenized
+    cancelled: bool = False
+
+
+class Session:
+    def __init__(self, server: Server, ws: ServerConnection, no: int) -> None:
+        self.server, self.engine, self.ws, self.no = server, server.engine, ws, no
+        self.live: dict[str, Stream] = {}
+        self.tasks: set[asyncio.Task] = set()
+        # Frames are queued by the scheduler's emit callbacks and written by one task: a step that
+        # produces deltas for many streams of this connection goes out in one write.
+        self.outbox: list[bytes] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.writer = asyncio.create_task(self._write_loop())
+
+    # ---- sending ---------------------------------------------------------------------------
+    def send(self, msg: ServerMessage) -> None:
+        if not self.closed:
+            self.outbox.append(encode(msg))
+            self.wake.set()
+
+    def error(self, id: str | None, code: str, message: str) -> None:
+        self.send(Error(id, code, message))  # type: ignore[arg-type]
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                frames, self.outbox = self.outbox, []
+                if len(frames) == 1:
+                    await ws.send(frames[0], text=True)
+                elif frames:
+                    async with ws.send_context():
+                        for f in frames:
+                            ws.protocol.send_text(f)
+                        ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        except ConnectionClosed:
+            pass
+
+    async def flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.outbox or self.wake.is_set()) and not self.writer.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # ---- receiving -------------------------------------------------------------------------
+    def on_frame(self, frame: str | bytes) -> None:
+        try:
+            msg = decode(frame)
+        except ProtocolError as e:
+            self.error(e.id, "invalid_request", str(e))
+            return
+        if isinstance(msg, Cancel):
+            self.cancel(msg.id)
+            return
+        if msg.id in self.live:
+            self.error(msg.id, "invalid_request", f"request id {msg.id!r} is already live on this connection")
+        elif self.server.draining:
+            self.error(msg.id, "overloaded", "the server is shutting down")
+        elif len(self.live) >= self.server.cfg.max_requests_per_connection:
+            self.error(msg.id, "overloaded", f"at most {self.server.cfg.max_requests_per_connection} "
+                                             f"live requests per connection")
+        elif len(self.engine.scheduler.waiting) >= self.server.cfg.max_waiting_requests:
+            self.error(msg.id, "overloaded", "too many requests are waiting; retry later")
+        else:
+            st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic())
+            self.live[msg.id] = st
+            task = asyncio.create_task(self._start(st, msg))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def cancel(self, id: str) -> None:
+        st = self.live.get(id)
+        if st is None:
+            self.error(id, "invalid_request", f"no live request with id {id!r}")
+        elif st.submitted:
+            self.engine.abort(st.rid)  # its done frame comes from the scheduler's emit
+        else:
+            st.cancelled = True  # still tokenizing: _start answers instead of submitting
+
+    async def _start(self, st: Stream, g: Generate) -> None:
+        try:
+            msgs = [{"role": m.role, "content": m.content} for m in g.messages] if g.messages is not None else None
+            # The tokenizer (a chat template, a long prompt) may take a while: off the loop.
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self.server.tok_pool, self.engine.encode, g.prompt, msgs, g.input_ids)
+            if st.cancelled or self.closed:
+                self.live.pop(st.id, None)
+                self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
+                return
+            self.engine.submit(st.rid, ids, self._params(g, len(ids)), lambda *a: self._emit(st, *a))
+            st.submitted = True
+        except EngineError as e:
+            self._fail(st, e.code, str(e))
+        except ValueError as e:  # e.g. a tokenizer without a chat template
+            self._fail(st, "invalid_request", str(e))
+        except Exception as e:
+            log.exception("request %s failed", st.rid)
+            self._fail(st, "internal", f"{type(e).__name__}: {e}")
+
+    def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
+        max_tokens, limit = g.max_tokens, self.server.cfg.max_tokens_limit
+        if limit:
+            if max_tokens is None:
+                max_tokens = max(1, min(limit, self.engine.max_model_len - n_prompt))
+            elif max_tokens > limit:
+                raise ValueError(f"max_tokens ({max_tokens}) is above this server's limit of {limit}")
+        return SamplingParams(max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                              min_p=g.min_p, seed=g.seed, stop=g.stop, stop_token_ids=g.stop_token_ids,
+                              ignore_eos=g.ignore_eos)
+
+    def _fail(self, st: Stream, code: str, message: str) -> None:
+        self.live.pop(st.id, None)
+        self.server.metrics.finished(code)
+        self.error(st.id, code, message)
+
+    @staticmethod
+    def _ms(t0: float) -> float:
+        return round((time.monotonic() - t0) * 1e3, 3)
+
+    def _emit(self, st: Stream, req: Req, ids: list[int], text: str, fin: str | None) -> None:
+        """Called by the scheduler, on the loop, for every processed token and at the finish."""
+        now = time.monotonic()
+        if ids:
+            m = self.server.metrics
+            m.itl.observe(now - st.t_last) if st.t_last else m.ttft.observe(now - st.t0)
+            st.t_last = now
+        if st.stream and (ids or text):
+            self.send(Delta(st.id, text, ids))
+        if fin is None:
+            return
+        self.live.pop(st.id, None)
+        if fin == "error":
+            self._fail(st, "internal", "the engine failed while running this request")
+            return
+        self.server.metrics.finished(fin)
+        ttft = round((req.t_first - st.t0) * 1e3, 3) if req.t_first else 0.0
+        self.send(Done(st.id, fin, Usage(len(req.prompt_ids), len(req.output_ids), req.cached_tokens),  # type: ignore[arg-type]
+                       Timing(ttft, self._ms(st.t0)), None if st.stream else req.detok.text))
+
+    def close(self) -> None:
+        """The connection is gone: abort its requests so their KV is freed within a step."""
+        self.closed = True
+        for st in self.live.values():
+            if st.submitted:
+                self.engine.abort(st.rid)
+            st.cancelled = True
+        self.live.clear()
+        self.writer.cancel()
+
+
+class Server:
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.metrics = Metrics()
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.failed = False
+        self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-tok")
+        self._numbers = itertools.count()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.draining and self.engine.task is not None and not self.engine.task.done()
+
+    def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/health":
+            ok = self.healthy
+            return conn.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                                "ok\n" if ok else "unavailable\n")
+        if path == "/metrics":
+            r = conn.respond(HTTPStatus.OK, self.metrics.render(self.engine))
+            r.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return r
+        return None  # everything else is the WebSocket endpoint
+
+    def _authorized(self, request: Request | None) -> bool:
+        if not self.cfg.api_key:
+            return True
+        if request is None:
+            return False
+        headers: Headers = request.headers
+        auth = headers.get("Authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else ""
+        # Browsers cannot set headers on a WebSocket, so the key may come in the query string too.
+        given = given or parse_qs(urlsplit(request.path).query).get("api_key", [""])[0]
+        return hmac.compare_digest(given.encode(), self.cfg.api_key.encode())
+
+    async def handler(self, ws: ServerConnection) -> None:
+        refuse = None
+        if not self._authorized(ws.request):
+            refuse = Error(None, "unauthorized", "a valid API key is required"), 1008
+        elif len(self.sessions) >= self.cfg.max_connections:
+            refuse = Error(None, "overloaded", "too many connections"), 1013
+        if refuse is not None:
+            await ws.send(encode(refuse[0]), text=True)
+            await ws.close(refuse[1], refuse[0].message)
+            return
+        sess = Session(self, ws, next(self._numbers))
+        self.sessions.add(sess)
+        self.metrics.connections += 1
+        sess.send(Hello(self.engine.model_name, self.engine.max_model_len))
+        try:
+            async for frame in ws:
+                sess.on_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            sess.close()
+            self.sessions.discard(sess)
+            self.metrics.connections -= 1
+
+    async def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (or an engine fault); returns the process exit status."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            stop.set()
+            if signals > 1:  # a second Ctrl-C: stop draining
+                self.cfg.drain_seconds = 0.0
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await self.engine.start()
+        origins = list(self.cfg.allowed_origins) or None
+        async with serve(self.handler, self.cfg.host, self.cfg.port, process_request=self.process_request,
+                         origins=origins, compression=None, max_size=self.cfg.max_frame_bytes,
+                         write_limit=self.cfg.send_buffer_bytes) as server:
+            log.info("serving %s on ws://%s:%d", self.engine.model_name, self.cfg.host, self.cfg.port)
+            await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task],
+                               return_when=asyncio.FIRST_COMPLETED)
+            await self._drain()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
+        self.tok_pool.shutdown(wait=False, cancel_futures=True)
+        return 1 if self.failed else 0
+
+    async def _drain(self) -> None:
+        """Refuse new work, let in-flight requests finish for up to drain_seconds, cancel the rest."""
+        self.draining = True
+        sched = self.engine.scheduler
+        deadline = time.monotonic() + self.cfg.drain_seconds
+        log.info("draining %d requests", sched.num_requests)
+        while any(s.live for s in self.sessions) and time.monotonic() < deadline and self.cfg.drain_seconds > 0:
+            if self.engine.task.done():
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await self.engine.shutdown()  # aborts what is left: those get done frames with "cancelled"
+        except Exception:
+            log.exception("the engine stopped after a fault")
+            self.failed = True
+        await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
+
+
+def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per /health probe
+    engine = AsyncEngine(engine_cfg)
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    return run(Server(engine, server_cfg).run())

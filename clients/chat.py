@@ -1,0 +1,94 @@
+"""Terminal chat: python -m clients.chat --url ws://127.0.0.1:8765. Streams the answer as it is
+generated and keeps the conversation; /reset starts over, /quit (or Ctrl-D) leaves."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+
+from clients.client import Client, ServerError
+
+HELP = "commands: /reset (forget the conversation), /quit"
+
+
+async def chat(url: str, max_tokens: int | None, temperature: float, system: str | None,
+               api_key: str | None) -> None:
+    client = await Client.connect(url, api_key=api_key)
+    print(f"connected to {client.model} (context {client.max_context} tokens). {HELP}", flush=True)
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    lines = _stdin_lines()
+    try:
+        while True:
+            print("> ", end="", flush=True)
+            line = await lines.get()
+            if not line:
+                print()
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                history = list(base)
+                print("(conversation reset)", flush=True)
+                continue
+            if line.startswith("/"):
+                print(HELP, flush=True)
+                continue
+            history.append({"role": "user", "content": line})
+            answer = []
+            try:
+                async for m in client.generate(messages=history, max_tokens=max_tokens, temperature=temperature):
+                    if m["type"] == "delta":
+                        answer.append(m["text"])
+                        print(m["text"], end="", flush=True)
+                    elif m["finish_reason"] == "length":
+                        print(" [length limit]", end="")
+            except ServerError as e:
+                history.pop()
+                print(f"[error {e.code}: {e.message}]", flush=True)
+                continue
+            print(flush=True)
+            history.append({"role": "assistant", "content": "".join(answer)})
+    finally:
+        await client.close()
+
+
+def _stdin_lines() -> asyncio.Queue[str]:
+    """Lines of stdin ("" at its end), read by a daemon thread: reading blocks, and the loop must keep
+    the connection alive meanwhile; a daemon thread also never holds up exit on Ctrl-C."""
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+    def read() -> None:
+        for line in iter(sys.stdin.readline, ""):
+            loop.call_soon_threadsafe(q.put_nowait, line)
+        loop.call_soon_threadsafe(q.put_nowait, "")
+
+    threading.Thread(target=read, daemon=True).start()
+    return q
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clients.chat", description="Chat with an aengine server.")
+    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server URL (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--api-key", default=None, help="the server's API key, if it needs one")
+    a = p.parse_args(argv)
+    try:
+        asyncio.run(chat(a.url, a.max_tokens, a.temperature, a.system, a.api_key))
+    except KeyboardInterrupt:
+        print()
+    except (OSError, ServerError) as e:
+        print(f"cannot chat with {a.url}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

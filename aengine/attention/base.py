@@ -35,6 +35,8 @@ class ForwardBatch:
 class AttentionBackend:
     """Writes each layer's new K/V into the paged pool and attends over the cached context."""
 
+    supports_graph = False  # decode can be captured in a CUDA graph (see engine/cuda_graph.py)
+
     def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **_: object) -> None:
         self.pool, self.page_table, self.num_heads = pool, page_table, num_heads
 
@@ -43,6 +45,15 @@ class AttentionBackend:
         self.fb = fb
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_graph(self, max_bs: int) -> None:
+        """Allocate the fixed buffers that captured decode graphs read their metadata from."""
+        raise NotImplementedError
+
+    def prepare_graph(self, fb: ForwardBatch) -> None:
+        """Plan a padded decode batch whose tensors sit at fixed addresses; called before capture
+        and before every replay, so that the captured kernels find this step's metadata."""
         raise NotImplementedError
 
 

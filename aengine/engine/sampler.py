@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aengine.layers.fused import flashinfer
+
 
 @dataclass
 class SamplingTensors:
@@ -27,6 +29,9 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     if st.all_greedy:
         return greedy.int()
     temp = st.temperature.unsqueeze(1)
+    fi = flashinfer() if logits.is_cuda and not st.seeds and not st.need_minp else None
+    if fi is not None:
+        return _sample_fused(fi, logits / torch.where(temp > 0, temp, 1.0), st, greedy)
     probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0), dim=-1)
     if st.need_minp:
         probs = probs.masked_fill(probs < st.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
@@ -48,3 +53,15 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
     drawn = (probs / noise).argmax(-1)
     return torch.where(st.temperature > 0, drawn, greedy).int()
+
+
+def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy: torch.Tensor) -> torch.Tensor:
+    """flashinfer's sampling kernels: one pass over the vocabulary instead of a sort and several
+    elementwise passes. Unseeded rows only: seeded ones need the per-row generators above."""
+    if st.need_topk or st.need_topp:
+        k = torch.where(st.top_k > 0, st.top_k, scaled.shape[1]).int()
+        drawn = fi.sampling.top_k_top_p_sampling_from_probs(
+            torch.softmax(scaled, dim=-1), k, st.top_p, filter_apply_order="joint")
+    else:
+        drawn = fi.sampling.sampling_from_logits(scaled)
+    return torch.where(st.temperature > 0, drawn.long(), greedy).int()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aengine.layers.fused import fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -13,6 +15,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        fi = fused(x)
+        if fi is not None:
+            shape = x.shape  # q/k norms see [tokens, heads, head_dim]; the kernel wants rows
+            return fi.norm.rmsnorm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -23,5 +29,11 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x)
+        fi = fused(x)
+        if fi is not None:
+            # one kernel for the add and the norm; it updates x and residual in place, which is
+            # safe here: the decoder layers hand over fresh tensors and never reuse them
+            fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
         x = x + residual
         return self._norm(x), x

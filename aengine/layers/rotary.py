@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from aengine.layers.fused import fused
+
 
 def rope_params(cfg: object) -> tuple[float, dict]:
     """(theta, scaling dict) from an HF config of transformers 4 (rope_theta/rope_scaling) or
@@ -55,6 +57,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fi = fused(q)
+        if fi is not None:  # in place, on the q/k views of the fused projection: no copies
+            fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], self.cos_sin, True)
+            return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

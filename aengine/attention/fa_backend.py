@@ -1,0 +1,60 @@
+"""FlashAttention on the paged pool: the `flash_attn.cute` API of flash-attn-4 (Hopper and newer),
+or the classic `flash_attn` API where only that is installed.
+
+Both take the pool's [pages, page_size, kv_heads, head_dim] K/V as they are, plus one page-table
+row per sequence, which is simply our page table gathered by slot."""
+
+from __future__ import annotations
+
+import torch
+
+from aengine.attention.base import AttentionBackend, ForwardBatch
+from aengine.cache.pool import KVPool
+
+
+class FlashAttnBackend(AttentionBackend):
+    def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **kw: object) -> None:
+        super().__init__(pool, page_table, num_heads)
+        try:
+            from flash_attn.cute import flash_attn_varlen_func
+
+            self.cute = True
+        except ImportError:
+            from flash_attn import flash_attn_varlen_func  # classic FA2: page_size a multiple of 256
+
+            self.cute = False
+        self.attn = flash_attn_varlen_func
+        # FA4 launches from host-side shapes only, so its decode can be captured; FA2's
+        # cu_seqlens_k / max_seqlen_k change every step
+        self.supports_graph = self.cute
+
+    def prepare(self, fb: ForwardBatch) -> None:
+        super().prepare(fb)
+        self.pt = self.page_table[fb.slots.long()]
+        self.max_q = max(fb.extend_lens_cpu)
+        self.max_k: int | None = max(fb.seq_lens_cpu)
+        if not self.cute:
+            self.cu_k = torch.nn.functional.pad(fb.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        fb = self.fb
+        self.pool.store(layer, fb.out_loc, k, v)
+        kc, vc = self.pool.k[layer], self.pool.v[layer]
+        q = q.contiguous()
+        if self.cute:
+            out = self.attn(q, kc, vc, cu_seqlens_q=fb.qo_indptr, seqused_k=fb.seq_lens,
+                            max_seqlen_q=self.max_q, max_seqlen_k=self.max_k, page_table=self.pt, causal=True)
+        else:
+            out = self.attn(q, kc, vc, fb.qo_indptr, self.cu_k, self.max_q, self.max_k, causal=True,
+                            block_table=self.pt)
+        return out[0] if isinstance(out, tuple) else out
+
+    def init_graph(self, max_bs: int) -> None:
+        self.g_pt = torch.zeros(max_bs, self.page_table.shape[1], dtype=torch.int32, device=self.page_table.device)
+
+    def prepare_graph(self, fb: ForwardBatch) -> None:
+        super().prepare(fb)
+        bs = fb.batch_size
+        self.g_pt[:bs] = self.page_table[fb.slots.long()]
+        # the captured launch must serve every later step: bound lengths by the page-table row
+        self.pt, self.max_q, self.max_k = self.g_pt[:bs], 1, None

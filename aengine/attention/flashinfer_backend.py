@@ -1,0 +1,102 @@
+"""FlashInfer paged attention: one prefill and one decode wrapper, planned once per step and
+shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers.
+
+The pool's per-layer [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD"
+paged layout as they are, so the kernels read our pages directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aengine.attention.base import AttentionBackend, ForwardBatch
+from aengine.cache.pool import KVPool
+
+WORKSPACE_BYTES = 256 << 20  # split-k partial results; flashinfer recommends 128 MB and up
+PREFILL_KERNEL = "fa2"  # the sm90 "fa3" variant doubles the first-use compile for little gain here
+
+
+class FlashInferBackend(AttentionBackend):
+    supports_graph = True
+
+    def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **kw: object) -> None:
+        super().__init__(pool, page_table, num_heads)
+        import flashinfer
+
+        self.fi = flashinfer
+        self.device = pool.k.device
+        self.kv_heads, self.head_dim = pool.k.shape[-2], pool.k.shape[-1]
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # tensor-core decode (the prefill kernel with one query row) wins once a KV head serves
+        # 4+ query heads; below that the CUDA-core decode kernel is as fast
+        self.tensor_cores = num_heads // self.kv_heads >= 4
+        self.prefill_w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=PREFILL_KERNEL)
+        self.decode_w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.tensor_cores)
+        self.graph_w: dict[int, object] = {}
+        self.wrapper: object = self.decode_w
+        self.planned: torch.cuda.Event | None = None
+
+    def _pages(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Host (pinned) qo_indptr, kv_indptr, last_page_len, and the device list of page ids."""
+        ps, b = self.pool.page_size, fb.batch_size
+        seq = np.asarray(fb.seq_lens_cpu, dtype=np.int64)
+        npages = (seq + ps - 1) // ps
+        kv_indptr = np.concatenate([[0], np.cumsum(npages)])
+        qo_indptr = np.concatenate([[0], np.cumsum(fb.extend_lens_cpu)])
+        last = seq - (npages - 1) * ps
+        host = torch.from_numpy(np.concatenate([qo_indptr, kv_indptr, last, npages]).astype(np.int32))
+        host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        counts, starts = dev[3 * b + 2 :], dev[b + 1 : 2 * b + 1]
+        total = int(kv_indptr[-1])
+        # each sequence's page ids back to back, gathered from the page table on the device
+        # (repeat_interleave with output_size never syncs with the host)
+        row = torch.repeat_interleave(counts, output_size=total)
+        col = torch.arange(total, device=self.device, dtype=torch.int32) - starts[row]
+        indices = self.page_table[fb.slots.long()[row], col.long()]
+        return host[: b + 1], host[b + 1 : 2 * b + 2], host[2 * b + 2 : 3 * b + 2], indices
+
+    def _plan(self, wrapper: object, fb: ForwardBatch) -> None:
+        qo, kv_indptr, last, indices = self._pages(fb)
+        # plan writes its schedule into a pinned buffer and copies it up asynchronously; with
+        # overlap the previous step's copy may still be queued, so let it drain first (by now
+        # it almost always has: the step before that one has been awaited)
+        if self.planned is not None:
+            self.planned.synchronize()
+        dt = self.pool.k.dtype
+        if fb.decode:
+            wrapper.plan(kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
+                         self.pool.page_size, q_data_type=dt, kv_data_type=dt)
+        else:
+            wrapper.plan(qo, kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
+                         self.pool.page_size, causal=True, q_data_type=dt, kv_data_type=dt)
+        self.planned = torch.cuda.Event()
+        self.planned.record()
+        self.wrapper = wrapper
+
+    def prepare(self, fb: ForwardBatch) -> None:
+        super().prepare(fb)
+        self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        self.pool.store(layer, self.fb.out_loc, k, v)
+        return self.wrapper.run(q.contiguous(), (self.pool.k[layer], self.pool.v[layer]))
+
+    def init_graph(self, max_bs: int) -> None:
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.g_indptr = torch.zeros(max_bs + 1, **i32)
+        self.g_last = torch.zeros(max_bs, **i32)
+        # shared pages (radix cache) may appear in several rows: bound by full rows, not the pool
+        self.g_indices = torch.zeros(max_bs * self.page_table.shape[1], **i32)
+
+    def prepare_graph(self, fb: ForwardBatch) -> None:
+        super().prepare(fb)
+        bs = fb.batch_size
+        if bs not in self.graph_w:
+            self.graph_w[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+                paged_kv_indptr_buffer=self.g_indptr[: bs + 1], paged_kv_indices_buffer=self.g_indices,
+                paged_kv_last_page_len_buffer=self.g_last[:bs])
+        self._plan(self.graph_w[bs], fb)

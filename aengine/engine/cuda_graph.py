@@ -1,0 +1,97 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, captured at start-up and
+replayed each step, so a step costs one launch instead of a few hundred.
+
+A graph reads fixed addresses, so each step copies its inputs (ids, positions, KV slots) into
+static buffers first; the ids come from the runner's last_tok on the device, so overlap
+scheduling keeps working. A batch is padded up to its bucket: padded rows use slot 0, whose
+page-table row points at page 0, the scratch page no request owns. Sampling and the LM head run
+outside the graph (the LM head on the real rows only)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from aengine.attention import ForwardBatch, forward_context
+
+if TYPE_CHECKING:
+    from aengine.engine.runner import ModelRunner
+
+log = logging.getLogger("aengine")
+
+
+def buckets(max_bs: int) -> list[int]:
+    """Small sizes exactly, then every 16: at most 15 padded rows at a large batch."""
+    return sorted({b for b in (1, 2, 4, 8, *range(16, max_bs + 1, 16)) if b <= max_bs} | {max_bs})
+
+
+class CudaGraphs:
+    def __init__(self, runner: ModelRunner, max_bs: int) -> None:
+        self.runner = runner
+        self.backend = runner.decode_backend
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.out: dict[int, torch.Tensor] = {}
+        self.sizes: list[int] = []
+        if not self.backend.supports_graph:
+            log.info("CUDA graphs off: the %s decode backend cannot be captured", type(self.backend).__name__)
+            return
+        max_bs = min(max_bs, runner.max_slots - 1)
+        dev = runner.device
+        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(max_bs, **i32)
+        self.pos = torch.zeros(max_bs, **i64)
+        self.loc = torch.zeros(max_bs, **i64)
+        self.slots = torch.zeros(max_bs, **i32)
+        self.seq = torch.ones(max_bs, **i32)
+        self.qo = torch.arange(max_bs + 1, **i32)
+        self.sidx = torch.arange(max_bs, **i64)
+        self.backend.init_graph(max_bs)
+        try:
+            self._capture(buckets(max_bs))
+        except Exception:  # a backend that cannot be captured must not take the engine down
+            log.exception("CUDA graph capture failed; decode runs eagerly")
+            self.graphs.clear()
+            self.out.clear()
+
+    def _fb(self, n: int, seq_lens: list[int]) -> ForwardBatch:
+        return ForwardBatch(True, self.ids[:n], self.pos[:n], self.loc[:n], self.slots[:n], self.seq[:n],
+                            self.qo[: n + 1], self.sidx[:n], seq_lens, [1] * n)
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int]) -> None:
+        model, pool = self.runner.model, torch.cuda.graph_pool_handle()
+        # largest first: the smaller graphs then fit in the memory pool the largest left behind
+        for n in reversed(sizes):
+            fb = self._fb(n, [1] * n)
+            self.backend.prepare_graph(fb)
+            with forward_context(self.backend):
+                model(fb.input_ids, fb.positions)  # warm-up: lazy kernel loads stay out of the graph
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.out[n] = model(fb.input_ids, fb.positions)
+            self.graphs[n] = g
+        self.sizes = sizes
+        log.info("captured %d CUDA graphs for decode batches up to %d", len(sizes), sizes[-1])
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return bool(self.sizes) and fb.decode and fb.batch_size <= self.sizes[-1]
+
+    def run(self, fb: ForwardBatch) -> torch.Tensor:
+        b = fb.batch_size
+        n = self.sizes[bisect.bisect_left(self.sizes, b)]
+        self.ids[:b].copy_(fb.input_ids)
+        self.pos[:b].copy_(fb.positions)
+        self.loc[:b].copy_(fb.out_loc)
+        self.slots[:b].copy_(fb.slots)
+        self.seq[:b].copy_(fb.seq_lens)
+        if n > b:  # stale rows of an earlier, larger step must not write into live pages
+            for buf in (self.ids, self.pos, self.loc, self.slots):
+                buf[b:n].zero_()
+            self.seq[b:n].fill_(1)
+        self.backend.prepare_graph(self._fb(n, list(fb.seq_lens_cpu) + [1] * (n - b)))
+        self.graphs[n].replay()
+        return self.runner.model.logits(self.out[n][:b][fb.sample_idx])

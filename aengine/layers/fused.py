@@ -1,0 +1,32 @@
+"""flashinfer's fused kernels for the CUDA path, or None so that callers fall back to torch.
+
+Half-precision CUDA tensors only: the fp32 path stays plain torch, bit for bit the reference.
+AENGINE_NO_FUSED=1 turns them off (to measure what they buy, or to rule them out)."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+_fi: ModuleType | bool | None = None
+
+
+def flashinfer() -> ModuleType | None:
+    global _fi
+    if _fi is None:
+        try:
+            import flashinfer as fi
+
+            _fi = fi if not os.environ.get("AENGINE_NO_FUSED") else False
+        except ImportError:
+            _fi = False
+    return _fi or None
+
+
+def fused(x: torch.Tensor) -> ModuleType | None:
+    """flashinfer when x is a CUDA half-precision tensor and flashinfer is installed."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return flashinfer()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Source ON the GPU machine, from the project root, at the start of a command:
+#   . scripts/device_env.sh
+# Installs whatever carried folders are present (see scripts/fetch-wheels.sh) into /tmp/site,
+# exports PYTHONPATH/PATH, and points flashinfer's JIT at /tmp/fi. flash-attn-4 arrives in two
+# calls: one that carries .fa4a stashes part 1 in /root/stage; the next one (while the machine
+# is still warm) carries .fa4b and completes the install. Compiled flashinfer kernels that an
+# earlier run brought back (.fi_cache/fi_so.tgz.part-*) are installed as flashinfer's AOT
+# modules, which skips their compile.
+mkdir -p /root/stage /tmp/site /tmp/fi
+[ -d .fa4a ] && cp .fa4a/* /root/stage/
+if [ -d .fa4b ]; then
+  for p in .fa4b/*.part.ab; do
+    n=$(basename "$p" .part.ab)
+    [ -f /root/stage/"$n".part.aa ] && cat /root/stage/"$n".part.aa "$p" > /root/stage/"$n" \
+      && rm -f /root/stage/"$n".part.aa
+  done
+fi
+whls=$(ls .whl/*.whl /root/stage/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
+[ -n "$whls" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site $whls
+export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/tmp/site/bin:/usr/local/cuda/bin:$PATH
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi
+if ls .fi_cache/fi_so.tgz.part-* >/dev/null 2>&1 && [ -d /tmp/site/flashinfer ]; then
+  mkdir -p /tmp/site/flashinfer/data/aot
+  cat .fi_cache/fi_so.tgz.part-* | tar xz -C /tmp/site/flashinfer/data/aot
+fi
+true

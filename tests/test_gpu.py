@@ -1,0 +1,243 @@
+"""GPU tests: the fast attention backends against the torch oracle, the whole engine's logits,
+CUDA graphs against eager decode, and fp32 parity with HF transformers on CUDA.
+
+Marked `gpu` and skipped without CUDA (CI has none); scripts/device_run.sh runs them on a GPU."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import random
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+HAS_FI = importlib.util.find_spec("flashinfer") is not None
+HAS_FA = importlib.util.find_spec("flash_attn") is not None
+FAST = [pytest.param("fi", marks=pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")),
+        pytest.param("fa", marks=pytest.mark.skipif(not HAS_FA, reason="flash-attn not installed"))]
+PAGES = {"fi": [1, 16], "fa": [16, 128]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- each backend against the torch backend on random inputs ------------------------------
+class Bench:
+    """A pool, a page table and random pages for a few sequences, plus ForwardBatch builders."""
+
+    def __init__(self, page_size: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
+                 seqs: int = 4, max_len: int = 1024) -> None:
+        from aengine.cache.pool import KVPool
+
+        torch.manual_seed(page_size)
+        self.ps, self.heads, self.kv, self.d = page_size, heads, kv_heads, head_dim
+        per_seq = -(-max_len // page_size)
+        pages = 1 + seqs * per_seq + 8
+        self.pool = KVPool(2, pages, page_size, kv_heads, head_dim, torch.bfloat16, torch.device("cuda"))
+        self.pool.k.normal_()
+        self.pool.v.normal_()
+        self.pt = torch.zeros(seqs + 1, per_seq, dtype=torch.int32, device="cuda")
+        perm = (torch.randperm(pages - 1) + 1)[: seqs * per_seq].int().cuda()  # never page 0
+        self.pt[1:] = perm.view(seqs, per_seq)
+
+    def backend(self, name: str) -> object:
+        from aengine.attention import create_backend
+
+        return create_backend(name, pool=self.pool, page_table=self.pt, num_heads=self.heads)
+
+    def fb(self, slots: list[int], starts: list[int], ext: list[int]) -> object:
+        from aengine.attention import ForwardBatch
+
+        pos = torch.cat([torch.arange(s, s + e) for s, e in zip(starts, ext)]).cuda()
+        tslots = torch.cat([torch.full((e,), sl) for sl, e in zip(slots, ext)]).cuda()
+        loc = self.pt[tslots, pos // self.ps].long() * self.ps + pos % self.ps
+        qo = torch.tensor([0] + list(torch.tensor(ext).cumsum(0)), dtype=torch.int32, device="cuda")
+        seq = [s + e for s, e in zip(starts, ext)]
+        i32 = dict(dtype=torch.int32, device="cuda")
+        return ForwardBatch(all(e == 1 for e in ext), torch.zeros(len(pos), **i32), pos, loc,
+                            torch.tensor(slots, **i32), torch.tensor(seq, **i32), qo, qo[1:].long() - 1,
+                            seq, list(ext))
+
+    def qkv(self, n: int) -> tuple[torch.Tensor, ...]:
+        bf = dict(dtype=torch.bfloat16, device="cuda")
+        return (torch.randn(n, self.heads, self.d, **bf), torch.randn(n, self.kv, self.d, **bf),
+                torch.randn(n, self.kv, self.d, **bf))
+
+    def run(self, backend: object, fb: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        backend.prepare(fb)
+        return torch.cat([backend.forward(q, k, v, layer) for layer in range(2)])
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("case", ["prefill_over_prefix", "decode"])
+def test_backend_matches_torch(name: str, case: str) -> None:
+    for ps in PAGES[name]:
+        b = Bench(ps)
+        if case == "decode":  # one new token over contexts of assorted lengths, one per page edge
+            starts, ext = [0, 15, 16 * 7, 999], [1, 1, 1, 1]
+        else:  # new tokens after a cached prefix (0 = a fresh prompt), page-unaligned on purpose
+            starts, ext = [0, 37, 300, 5], [23, 64, 200, 1]
+        fb = b.fb([1, 2, 3, 4], starts, ext)
+        q, k, v = b.qkv(sum(ext))
+        out = b.run(b.backend(name), fb, q, k, v)  # first: it must store the new K/V itself
+        ref = b.run(b.backend("torch"), fb, q, k, v)
+        assert rel(out, ref) <= 1e-2, (name, ps, case, rel(out, ref))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_chunked_prefill_matches_torch(name: str) -> None:
+    """A prompt computed in chunks (each over the KV the earlier ones wrote) equals one pass."""
+    for ps in PAGES[name]:
+        b = Bench(ps)
+        n, chunks = 300, [0, 64, 128, 250, 300]
+        q, k, v = b.qkv(n)
+        fast, outs = b.backend(name), []
+        for s, e in zip(chunks, chunks[1:]):
+            outs.append(b.run(fast, b.fb([2], [s], [e - s]), q[s:e], k[s:e], v[s:e]).view(2, e - s, -1))
+        out = torch.cat(outs, 1).view(2 * n, *q.shape[1:])
+        ref = b.run(b.backend("torch"), b.fb([2], [0], [n]), q, k, v)
+        assert rel(out, ref) <= 1e-2, (name, ps, rel(out, ref))
+
+
+# ---- whole engine ----------------------------------------------------------------------
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, arch: str) -> str:
+    """A tiny random HF model (head_dim 128, so one kernel build serves every test) with a
+    word-level tokenizer, saved the way a downloaded checkpoint would be."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+    d = tmp_path_factory.mktemp(arch)
+    kw = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
+              initializer_range=0.1, eos_token_id=1, bos_token_id=0)
+    cfg = Qwen3Config(**kw, tie_word_embeddings=True) if arch == "qwen3" else LlamaConfig(**kw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.float32).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0").save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_model(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_model(tmp_path_factory, "llama")
+
+
+def make_llm(path: str, **kw: object) -> object:
+    from aengine import LLM
+
+    kw.setdefault("num_pages", 4096)
+    return LLM(path, **kw)
+
+
+def close(llm: object) -> None:
+    llm.close()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def prompts(n: int = 3, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(2, 512) for _ in range(100)]
+    return [prefix + [rng.randrange(2, 512) for _ in range(30)],
+            prefix + [rng.randrange(2, 512) for _ in range(57)],
+            [rng.randrange(2, 512) for _ in range(150)]][:n]
+
+
+def greedy(n: int) -> object:
+    from aengine import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def engine_logits(path: str, monkeypatch: pytest.MonkeyPatch, **kw: object) -> tuple[list, list]:
+    """Every step's logits while serving a prompt, then three more that reuse its prefix from
+    the radix cache, with a 64-token prefill budget (so the long one is chunked), then decode."""
+    import aengine.engine.runner as runner_mod
+
+    rec: list[torch.Tensor] = []
+    orig = runner_mod.sample
+
+    def spy(logits: torch.Tensor, st: object) -> torch.Tensor:
+        rec.append(logits.float().cpu())
+        return orig(logits, st)
+
+    monkeypatch.setattr(runner_mod, "sample", spy)
+    llm = make_llm(path, dtype="bf16", max_prefill_tokens=64, disable_overlap=True, **kw)
+    try:
+        llm.generate(prompts(1), greedy(1))
+        outs = llm.generate(prompts(), greedy(12))
+    finally:
+        close(llm)
+        monkeypatch.setattr(runner_mod, "sample", orig)
+    return rec, [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_engine_logits_match_torch_backend(name: str, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ps = PAGES[name][-1]
+    ref, ref_ids = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps)
+    got, ids = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps)
+    assert len(ref) == len(got) and len(ref) > 10
+    errs = [rel(a, b) for a, b in zip(got, ref)]
+    assert max(errs) <= 2e-2, errs
+    assert ids == ref_ids
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_cuda_graphs_greedy_equal_eager(name: str, qwen3_dir: str) -> None:
+    outs = {}
+    for max_bs in (0, 256):
+        llm = make_llm(qwen3_dir, dtype="bf16", attn=name, cuda_graph_max_bs=max_bs)
+        try:
+            if max_bs:
+                assert llm.engine.runner.graphs.sizes, "no graphs were captured"
+            # batches of 1, 3 (padded to 4) and 4, with overlap on
+            outs[max_bs] = ([o.token_ids for o in llm.generate(prompts(1), greedy(24))]
+                            + [o.token_ids for o in llm.generate(prompts(3), greedy(24))]
+                            + [o.token_ids for o in llm.generate(prompts(3) + prompts(1, seed=1), greedy(24))])
+        finally:
+            close(llm)
+    assert outs[256] == outs[0]
+
+
+@pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
+def test_fused_sampling_top_k_1_is_greedy() -> None:
+    from aengine.engine.sampler import SamplingTensors, sample
+
+    logits = torch.randn(8, 1000, device="cuda") * 3
+    f = dict(dtype=torch.float32, device="cuda")
+    st = SamplingTensors(torch.full((8,), 0.7, **f), torch.full((8,), 0.9, **f),
+                         torch.ones(8, dtype=torch.int64, device="cuda"), torch.zeros(8, **f), [], False,
+                         True, True, False)
+    assert torch.equal(sample(logits, st).long(), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp32_torch_backend_equals_hf(arch: str, llama_dir: str, qwen3_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = llama_dir if arch == "llama" else qwen3_dir
+    ps = prompts()
+    llm = make_llm(path, dtype="fp32", attn="torch")
+    try:
+        ours = [o.token_ids for o in llm.generate(ps, greedy(20))]
+    finally:
+        close(llm)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    for p, mine in zip(ps, ours):
+        ids = torch.tensor([p], device="cuda")
+        out = hf.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert out[0, len(p):].tolist() == mine

@@ -178,7 +178,10 @@ class Session:
         now = time.monotonic()
         if ids:
             m = self.server.metrics
-            m.itl.observe(now - st.t_last) if st.t_last else m.ttft.observe(now - st.t0)
+            if st.t_last:
+                m.itl.observe(now - st.t_last)
+            else:
+                m.ttft.observe(now - st.t0)
             st.t_last = now
         if st.stream and (ids or text):
             self.send(Delta(st.id, text, ids))
@@ -293,6 +296,7 @@ class Server:
             server.close()
             await asyncio.wait_for(server.wait_closed(), timeout=5)
         self.tok_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
         return 1 if self.failed else 0
 
     async def _drain(self) -> None:

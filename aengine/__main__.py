@@ -101,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     server_kw = _pick(ServerConfig, ns)
     origins = server_kw.pop("allowed_origins") or []
     server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
+    engine_cfg = EngineConfig(**_pick(EngineConfig, ns))
+    if engine_cfg.node_rank > 0:  # multi-node TP: other nodes run only their ranks; node 0 serves
+        from aengine.distributed_launch import run_worker_node
+
+        return run_worker_node(engine_cfg)
     from aengine.server import run_server
 
-    return run_server(EngineConfig(**_pick(EngineConfig, ns)), server_cfg)
+    return run_server(engine_cfg, server_cfg)
 
 
 if __name__ == "__main__":

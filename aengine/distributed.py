@@ -38,3 +38,11 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_tp.size)]
     dist.all_gather(parts, x.contiguous(), group=_tp.group)
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values on every rank: the sampled ids, so that all ranks feed the same next token
+    even where sampling noise or a kernel could differ between them."""
+    if _tp.size > 1 and x.numel():
+        dist.broadcast(x, src=0, group=_tp.group)  # the TP group is the whole world: rank 0 is global 0
+    return x

@@ -100,7 +100,8 @@ class LLM:
     async def _wait(self, done: asyncio.Event) -> None:
         waiter = asyncio.ensure_future(done.wait())
         await asyncio.wait([waiter, self.engine.task], return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
+        # a fault ends every request with finish_reason "error" (setting `done`) and then the task
+        if not waiter.done() or self.engine.task.done():
             waiter.cancel()
             exc = self.engine.task.exception() if self.engine.task.done() else None
             raise RuntimeError("the engine stopped") from exc

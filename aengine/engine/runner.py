@@ -11,7 +11,7 @@ import torch
 from aengine.attention import ForwardBatch, create_backend, forward_context
 from aengine.cache.pool import KVPool
 from aengine.config import EngineConfig
-from aengine.distributed import tp
+from aengine.distributed import broadcast_from_first, tp
 from aengine.engine.sampler import SamplingTensors, sample
 from aengine.engine.step import StepInput
 from aengine.models import model_class
@@ -132,7 +132,7 @@ class ModelRunner:
             with forward_context(backend):
                 hidden = self.model(input_ids, pos)
             logits = self.model.logits(hidden[fb.sample_idx])
-        ids = sample(logits, self._sampling(inp))
+        ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
             self.last_tok[d_slots.long()[inp.sample_rows]] = ids
         return ids

@@ -1,0 +1,321 @@
+"""Tensor parallelism: spawning rank processes, the process groups, and the rank loop.
+
+The server process is global rank 0: it owns the scheduler and sends every StepInput to the
+other ranks over a gloo group before running it. Ranks 1..N-1 run the same forward; all ranks
+meet in the model's all-reduce / all-gather over the TP group (NCCL on CUDA, gloo on CPU).
+With --nnodes > 1 every node runs `tp / nnodes` ranks; the first process on each node is its
+local rank 0 and spawns the rest, and only node 0 serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import socket
+import threading
+from collections.abc import Awaitable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from aengine.config import EngineConfig
+from aengine.distributed import set_tp
+from aengine.engine.executor import Executor, Pending
+from aengine.engine.runner import ModelRunner, resolve_device_dtype
+from aengine.engine.step import StepInput
+
+log = logging.getLogger("aengine")
+
+# A collective that waits this long means a rank hangs; a dead rank is noticed at once (gloo
+# raises on the closed connection, and rank 0 watches its children).
+TP_TIMEOUT = timedelta(minutes=10)
+# The metadata group waits for the next step, so an idle server must not time it out.
+IDLE_TIMEOUT = timedelta(days=365)
+HEADER = 4096  # bytes of the first metadata broadcast; a larger step needs a second one
+
+
+class RankDied(RuntimeError):
+    pass
+
+
+def check_tp(cfg: EngineConfig, hf_config: Any) -> int:
+    """Clear errors before any process starts; returns the ranks per node."""
+    tp, nn = cfg.tp, cfg.nnodes
+    if tp < 1 or nn < 1 or tp % nn:
+        raise ValueError(f"--tp {tp} must be a positive multiple of --nnodes {nn}")
+    if not 0 <= cfg.node_rank < nn:
+        raise ValueError(f"--node-rank {cfg.node_rank} is outside [0, {nn})")
+    if nn > 1 and not cfg.dist_init_addr:
+        raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"--tp {tp} does not divide the model's {heads} attention heads")
+    if kv % tp and tp % kv:
+        raise ValueError(f"--tp {tp} and the model's {kv} KV heads do not divide one another")
+    if hf_config.intermediate_size % tp:
+        raise ValueError(f"--tp {tp} does not divide the MLP size {hf_config.intermediate_size}")
+    local = tp // nn
+    device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
+    if device.type == "cuda" and torch.cuda.device_count() < local:
+        raise ValueError(f"--tp {tp} over {nn} node(s) needs {local} GPUs per node; "
+                         f"this node has {torch.cuda.device_count()}")
+    return local
+
+
+def _init_method(cfg: EngineConfig) -> str:
+    if cfg.dist_init_addr:
+        return f"tcp://{cfg.dist_init_addr}"
+    with socket.socket() as s:  # single node: any free loopback port
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _use_loopback(init_method: str) -> None:
+    # gloo picks its interface from the host name, which in containers often resolves to an
+    # address that is not reachable; on one machine loopback always is.
+    host = init_method.removeprefix("tcp://").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "[::1]"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+class Rank:
+    """This process's place in the TP world: process groups, and a model runner sharded for it."""
+
+    def __init__(self, cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
+                 init_method: str) -> None:
+        device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            cfg = cfg.replace(device=f"cuda:{local_rank}")
+        _use_loopback(init_method)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=cfg.tp,
+                                timeout=TP_TIMEOUT)
+        # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
+        self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        set_tp(rank, cfg.tp, None)
+        self.rank = rank
+        self.runner = ModelRunner(cfg, hf_config, path)
+        # the scheduler sizes requests from rank 0's pool; every rank must hold that many pages
+        n = torch.tensor([self.runner.num_pages, self.runner.max_model_len], dtype=torch.int64)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.meta)
+        self.runner.num_pages, self.runner.max_model_len = int(n[0]), int(n[1])
+
+    def send(self, inp: StepInput | None) -> None:
+        """Rank 0: one broadcast for a usual step (length + bytes in a fixed buffer), two for a big one."""
+        data = b"" if inp is None else msgspec.msgpack.encode(inp)
+        buf = torch.zeros(HEADER, dtype=torch.uint8)
+        buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+        head = data[: HEADER - 8]
+        if head:
+            buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=self.meta)
+        if len(data) > HEADER - 8:
+            dist.broadcast(torch.frombuffer(bytearray(data[HEADER - 8 :]), dtype=torch.uint8), 0, group=self.meta)
+
+    def recv(self) -> StepInput | None:
+        buf = torch.empty(HEADER, dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=self.meta)
+        n = int(buf[:8].view(torch.int64)[0])
+        if n == 0:
+            return None
+        data = buf[8 : 8 + n].numpy().tobytes()
+        if n > HEADER - 8:
+            rest = torch.empty(n - (HEADER - 8), dtype=torch.uint8)
+            dist.broadcast(rest, 0, group=self.meta)
+            data += rest.numpy().tobytes()
+        return msgspec.msgpack.decode(data, type=StepInput)
+
+    def loop(self) -> None:
+        """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""
+        while (inp := self.recv()) is not None:
+            self.runner.step(inp)
+        dist.destroy_process_group()
+
+
+def _watch_parent() -> None:
+    """A spawned rank dies with its parent, even when a collective would hang (NCCL)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="aengine-parent-watch").start()
+
+
+def _rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
+               init_method: str) -> None:
+    """Entry point of a spawned rank."""
+    _watch_parent()
+    if torch.cuda.device_count() == 0:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp // cfg.nnodes)))
+    try:
+        Rank(cfg, hf_config, path, rank, local_rank, init_method).loop()
+    except Exception as e:  # a peer died or rank 0 went away: exit, never linger
+        log.error("TP rank %d: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        os._exit(1)
+
+
+def _spawn(cfg: EngineConfig, hf_config: Any, path: Path, local: int, init_method: str) -> list[Any]:
+    ctx = mp.get_context("spawn")  # fork is unsafe with CUDA and with the loop's threads
+    procs = []
+    for lr in range(1, local):
+        rank = cfg.node_rank * local + lr
+        p = ctx.Process(target=_rank_main, args=(cfg, hf_config, path, rank, lr, init_method),
+                        name=f"aengine-tp{rank}", daemon=True)
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def _stop(procs: list[Any], timeout: float = 10.0) -> None:
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+class Watchdog:
+    """Rank 0: turns the death of a local rank process into an exception on the event loop,
+    so that a step that would wait for it forever (NCCL) fails instead."""
+
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs, self.error, self.closing = procs, None, False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._lock = threading.Lock()
+        if procs:
+            threading.Thread(target=self._watch, daemon=True, name="aengine-tp-watch").start()
+
+    def _watch(self) -> None:
+        dead = multiprocessing.connection.wait([p.sentinel for p in self.procs])
+        if self.closing:
+            return
+        p = next(p for p in self.procs if p.sentinel in dead)
+        p.join(1.0)
+        with self._lock:
+            self.error = f"tensor-parallel rank process {p.name} (pid {p.pid}) exited with code {p.exitcode}"
+            waiters, self._waiters = self._waiters, []
+        log.error("%s", self.error)
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RankDied(self.error)
+
+    async def guard(self, aw: Awaitable[list[int]]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        dead: asyncio.Future = loop.create_future()
+        with self._lock:
+            self.check()
+            self._waiters.append((loop, dead))
+        task = asyncio.ensure_future(aw)
+        try:
+            await asyncio.wait([task, dead], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            with self._lock:
+                if (loop, dead) in self._waiters:
+                    self._waiters.remove((loop, dead))
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise RankDied(self.error)
+
+
+class TPExecutor(Executor):
+    """Rank 0's executor: each step goes to the other ranks first; a dead rank fails the step."""
+
+    def __init__(self, rank: Rank, procs: list[Any]) -> None:
+        super().__init__(rank.runner, broadcast=rank.send)
+        self.rank, self.procs = rank, procs
+        self.watchdog = Watchdog(procs)
+        self.faulted = False
+
+    def launch(self, inp: StepInput) -> Pending:
+        self.watchdog.check()
+        return super().launch(inp)
+
+    async def result(self, p: Pending) -> list[int]:
+        if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):
+            return await super().result(p)  # done already: skip the watchdog's bookkeeping
+        try:
+            return await self.watchdog.guard(super().result(p))
+        except BaseException:
+            self.faulted = True
+            raise
+
+    def shutdown(self) -> None:
+        """Ends every rank: a shutdown message when they are healthy, a kill when one failed."""
+        self.watchdog.closing = True
+        faulted = self.faulted or self.watchdog.error is not None
+        self.pool.shutdown(wait=not faulted, cancel_futures=True)
+        if not faulted:
+            try:
+                self.rank.send(None)
+            except Exception as e:  # a rank died between the last step and now
+                log.warning("TP shutdown: %s", str(e).splitlines()[0] if str(e) else e)
+                faulted = True
+        if faulted:
+            for p in self.procs:
+                p.kill()
+        _stop(self.procs)
+        # after a fault NCCL could wait on the dead rank here; gloo just lets go
+        if not faulted or dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+        set_tp(0, 1, None)  # this process may build a single-rank engine next
+
+
+def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[ModelRunner, Executor]:
+    """Rank 0 (node 0's server process): spawn this node's other ranks, join the process
+    group, and build the rank-0 runner. Other nodes run `run_worker_node`."""
+    if cfg.node_rank != 0:
+        raise ValueError("only node 0 serves; run the other nodes with run_worker_node")
+    local = check_tp(cfg, hf_config)
+    init_method = _init_method(cfg)
+    _use_loopback(init_method)  # before spawning: children inherit the environment
+    procs = _spawn(cfg, hf_config, path, local, init_method)
+    try:
+        rank = Rank(cfg, hf_config, path, 0, 0, init_method)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        _stop(procs)
+        set_tp(0, 1, None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    return rank.runner, TPExecutor(rank, procs)
+
+
+def run_worker_node(cfg: EngineConfig) -> int:
+    """Nodes 1..nnodes-1: run this node's ranks until node 0 shuts down; returns an exit code."""
+    from aengine.engine.async_engine import load_hf_config
+    from aengine.weights import resolve_model
+
+    path = resolve_model(cfg.model)
+    hf_config = load_hf_config(path)
+    local = check_tp(cfg, hf_config)
+    init_method = _init_method(cfg)
+    _use_loopback(init_method)
+    procs = _spawn(cfg, hf_config, path, local, init_method)
+    code = 0
+    try:
+        Rank(cfg, hf_config, path, cfg.node_rank * local, 0, init_method).loop()
+    except Exception as e:
+        log.error("TP rank %d: %s", cfg.node_rank * local, str(e).splitlines()[0] if str(e) else e)
+        code = 1
+        for p in procs:
+            p.kill()
+    _stop(procs)
+    return 1 if code or any(p.exitcode for p in procs) else 0

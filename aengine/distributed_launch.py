@@ -15,7 +15,6 @@ import multiprocessing.connection
 import os
 import socket
 import threading
-from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -186,13 +185,17 @@ def _stop(procs: list[Any], timeout: float = 10.0) -> None:
             p.join(5.0)
 
 
-class Watchdog:
-    """Rank 0: turns the death of a local rank process into an exception on the event loop,
-    so that a step that would wait for it forever (NCCL) fails instead."""
+class TPExecutor(Executor):
+    """Rank 0's executor: each step goes to the other ranks first. A thread watches the local rank
+    processes, and the death of one fails the step in flight even where its collective would wait
+    forever (NCCL), so the scheduler's fault path runs instead of a hang."""
 
-    def __init__(self, procs: list[Any]) -> None:
-        self.procs, self.error, self.closing = procs, None, False
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+    def __init__(self, rank: Rank, procs: list[Any]) -> None:
+        super().__init__(rank.runner, broadcast=rank.send)
+        self.rank, self.procs = rank, procs
+        self.error: str | None = None
+        self.faulted = self.closing = False
+        self._dead: asyncio.Future | None = None  # on the scheduler's loop, made by the first wait
         self._lock = threading.Lock()
         if procs:
             threading.Thread(target=self._watch, daemon=True, name="aengine-tp-watch").start()
@@ -205,60 +208,46 @@ class Watchdog:
         p.join(1.0)
         with self._lock:
             self.error = f"tensor-parallel rank process {p.name} (pid {p.pid}) exited with code {p.exitcode}"
-            waiters, self._waiters = self._waiters, []
+            fut = self._dead
         log.error("%s", self.error)
-        for loop, fut in waiters:
-            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+        if fut is not None:
+            fut.get_loop().call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
 
-    def check(self) -> None:
+    def launch(self, inp: StepInput) -> Pending:
         if self.error is not None:
             raise RankDied(self.error)
+        return super().launch(inp)
 
-    async def guard(self, aw: Awaitable[list[int]]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        dead: asyncio.Future = loop.create_future()
-        with self._lock:
-            self.check()
-            self._waiters.append((loop, dead))
-        task = asyncio.ensure_future(aw)
+    async def result(self, p: Pending) -> list[int]:
         try:
-            await asyncio.wait([task, dead], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            with self._lock:
-                if (loop, dead) in self._waiters:
-                    self._waiters.remove((loop, dead))
+            return await self._result(p)
+        except RankDied:
+            self.faulted = True
+            raise
+        except Exception as e:  # gloo saw the closed connection first: say which kind of fault it is
+            self.faulted = True
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RankDied(self.error or f"a tensor-parallel rank failed: {first}") from e
+
+    async def _result(self, p: Pending) -> list[int]:
+        if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):
+            return await super().result(p)  # done already: skip the race below
+        with self._lock:
+            if self._dead is None:
+                self._dead = asyncio.get_running_loop().create_future()
+                if self.error is not None:
+                    self._dead.set_result(None)
+        task = asyncio.ensure_future(super().result(p))
+        await asyncio.wait([task, self._dead], return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
         task.cancel()
         raise RankDied(self.error)
 
-
-class TPExecutor(Executor):
-    """Rank 0's executor: each step goes to the other ranks first; a dead rank fails the step."""
-
-    def __init__(self, rank: Rank, procs: list[Any]) -> None:
-        super().__init__(rank.runner, broadcast=rank.send)
-        self.rank, self.procs = rank, procs
-        self.watchdog = Watchdog(procs)
-        self.faulted = False
-
-    def launch(self, inp: StepInput) -> Pending:
-        self.watchdog.check()
-        return super().launch(inp)
-
-    async def result(self, p: Pending) -> list[int]:
-        if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):
-            return await super().result(p)  # done already: skip the watchdog's bookkeeping
-        try:
-            return await self.watchdog.guard(super().result(p))
-        except BaseException:
-            self.faulted = True
-            raise
-
     def shutdown(self) -> None:
         """Ends every rank: a shutdown message when they are healthy, a kill when one failed."""
-        self.watchdog.closing = True
-        faulted = self.faulted or self.watchdog.error is not None
+        self.closing = True
+        faulted = self.faulted or self.error is not None
         self.pool.shutdown(wait=not faulted, cancel_futures=True)
         if not faulted:
             try:
@@ -270,9 +259,13 @@ class TPExecutor(Executor):
             for p in self.procs:
                 p.kill()
         _stop(self.procs)
-        # after a fault NCCL could wait on the dead rank here; gloo just lets go
         if not faulted or dist.get_backend() == "gloo":
             dist.destroy_process_group()
+        else:  # NCCL kernels waiting on the dead rank would hold the stream (and process exit) forever
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as e:
+                log.warning("aborting the NCCL group failed: %s", e)
         set_tp(0, 1, None)  # this process may build a single-rank engine next
 
 

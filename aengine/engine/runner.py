@@ -114,9 +114,9 @@ class ModelRunner:
             positions = np.arange(int(ext.sum())) - np.repeat(np.cumsum(ext) - ext - starts, ext)
         qo_indptr = np.concatenate([[0], np.cumsum(ext)])
         sample_idx = qo_indptr[1:][inp.sample_rows] - 1
-        (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp) = self._upload([
+        (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp, d_sslots) = self._upload([
             slots, seq, qo_indptr, positions, tok_slots, sample_idx, np.asarray(inp.input_ids),
-            np.asarray(inp.pt_rows), np.asarray(inp.pt_cols), np.asarray(inp.pt_pages)])
+            np.asarray(inp.pt_rows), np.asarray(inp.pt_cols), np.asarray(inp.pt_pages), slots[inp.sample_rows]])
         if len(inp.pt_pages):
             self.page_table[d_ptr.long(), d_ptc.long()] = d_ptp
         pos = d_pos.long()
@@ -134,17 +134,22 @@ class ModelRunner:
             logits = self.model.logits(hidden[fb.sample_idx])
         ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
-            self.last_tok[d_slots.long()[inp.sample_rows]] = ids
+            self.last_tok[d_sslots.long()] = ids
         return ids
 
     def _sampling(self, inp: StepInput) -> SamplingTensors:
         dev = self.device
         seeds = [(i, s, inp.seq_lens[r]) for i, (s, r) in enumerate(zip(inp.seeds, inp.sample_rows)) if s >= 0]
+        f = torch.tensor([inp.temperature, inp.top_p, inp.min_p], dtype=torch.float32).view(3, -1)
+        k = torch.tensor(inp.top_k, dtype=torch.int64)
+        if dev.type == "cuda":  # a copy from pageable memory waits for the stream: no overlap
+            f, k = f.pin_memory(), k.pin_memory()
+        f, k = f.to(dev, non_blocking=True), k.to(dev, non_blocking=True)
         return SamplingTensors(
-            temperature=torch.tensor(inp.temperature, dtype=torch.float32).to(dev, non_blocking=True),
-            top_p=torch.tensor(inp.top_p, dtype=torch.float32).to(dev, non_blocking=True),
-            top_k=torch.tensor(inp.top_k, dtype=torch.int64).to(dev, non_blocking=True),
-            min_p=torch.tensor(inp.min_p, dtype=torch.float32).to(dev, non_blocking=True),
+            temperature=f[0],
+            top_p=f[1],
+            top_k=k,
+            min_p=f[2],
             seeds=seeds,
             all_greedy=not any(t > 0 for t in inp.temperature),
             need_topk=any(k > 0 for k in inp.top_k),

@@ -90,13 +90,14 @@ class Rank:
     def __init__(self, cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
                  init_method: str) -> None:
         device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
-        if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
-            cfg = cfg.replace(device=f"cuda:{local_rank}")
+        if device.type == "cuda":  # one GPU per rank of this node: cuda:{local_rank}
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            cfg = cfg.replace(device=str(device))
         _use_loopback(init_method)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=cfg.tp,
-                                timeout=TP_TIMEOUT)
+                                timeout=TP_TIMEOUT, device_id=device if device.type == "cuda" else None)
         # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
         self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         set_tp(rank, cfg.tp, None)

@@ -26,6 +26,8 @@ CPU = dict(dtype="float32", device="cpu", kv_cache_tokens=1024)
 CPU_ARGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-tokens", "1024")
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [499, 500, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+# one prefill step of ~900 tokens: its metadata outgrows the first broadcast buffer
+LONG = [[(7 * i + j) % 480 + 10 for i in range(300)] for j in range(3)]
 
 
 # ---- processes --------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ def tiny_ref(tiny: dict[int, Path]) -> dict[int, list[list[int]]]:
     for kv, path in tiny.items():
         with LLM(str(path), **CPU) as llm:
             out[kv] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+            out[-kv] = [o.token_ids for o in llm.generate(LONG, GREEDY)]
     return out
 
 
@@ -103,6 +106,7 @@ def test_tp2_matches_tp1(tiny: dict[int, Path], tiny_ref: dict[int, list[list[in
                SamplingParams(max_tokens=8, temperature=1.0, top_k=20, ignore_eos=True)]
     with LLM(str(tiny[kv]), tp=2, **CPU) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == tiny_ref[kv]
+        assert [o.token_ids for o in llm.generate(LONG, GREEDY)] == tiny_ref[-kv]
         # sampling: every rank must feed the same next token, else later steps break down
         outs = llm.generate(PROMPTS, sampled)
         assert all(len(o.token_ids) == 8 for o in outs)
@@ -148,10 +152,11 @@ def test_two_nodes_offline(tiny: dict[int, Path], tiny_ref: dict[int, list[list[
 
 
 def test_killed_rank_fails_generate(tiny: dict[int, Path], no_leftovers: None) -> None:
+    before = set(descendants(os.getpid()))
     llm = LLM(str(tiny[2]), tp=2, **CPU)
     try:
         assert len(llm.generate(PROMPTS, GREEDY)) == 3
-        (rank1,) = descendants(os.getpid())
+        (rank1,) = set(descendants(os.getpid())) - before
         os.kill(rank1, signal.SIGKILL)
         assert not wait_gone([rank1], 10.0)
         t0 = time.monotonic()

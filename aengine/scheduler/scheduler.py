@@ -93,18 +93,19 @@ class Scheduler:
                 if batch is not None:
                     inp, reqs = batch
                     launched = (inp, reqs, self.ex.launch(inp))
+                processed = inflight is not None
                 if inflight is not None:
                     await self._process(*inflight)
                 inflight = launched
                 if inflight is not None and not self.overlap:
                     await self._process(*inflight)
                     inflight = None
-                if batch is None and inflight is None:
-                    if self._wake.is_set():
-                        self._wake.clear()
-                        await asyncio.sleep(0)
-                    else:
-                        await self._wake.wait()
+                if batch is None and not processed:
+                    # nothing ran and nothing finished: sleep until a request arrives or is aborted
+                    self._wake.clear()
+                    await self._wake.wait()
+                elif batch is None:
+                    await asyncio.sleep(0)
         except BaseException as e:  # the engine state can no longer be trusted
             self.fault = e
             for req in list(self.by_id.values()):

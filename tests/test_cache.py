@@ -1,0 +1,84 @@
+"""Radix prefix cache, chunked prefill and preemption keep greedy outputs identical."""
+
+from __future__ import annotations
+
+import pytest
+
+from aengine import LLM, ContextLengthExceeded, SamplingParams
+
+SYSTEM = ("You are a meticulous assistant. Answer in full sentences, cite no sources, and keep every "
+          "answer under fifty words. Prefer plain words over jargon and explain any number you use. ") * 3
+QUESTIONS = ["What is the capital of France?", "Name a primary color.", "What is two plus two?",
+             "Which planet is largest?", "What do bees make?", "Say hello."]
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+
+
+def convs(system: str = SYSTEM) -> list[list[dict]]:
+    return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(embedded):
+    outs = embedded.chat(convs(), SamplingParams(max_tokens=16, temperature=0))
+    embedded.clear_cache()
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(cache="none"),
+    dict(cache="radix", max_prefill_tokens=16),
+    dict(cache="radix", max_prefill_tokens=64, page_size=4),
+    dict(cache="none", max_prefill_tokens=16, disable_overlap=True),
+    # a pool about two requests wide: admission waits, decodes preempt the newest
+    dict(cache="radix", kv_cache_tokens=260, max_prefill_tokens=64),
+    dict(cache="none", kv_cache_tokens=260, page_size=4),
+])
+def test_same_greedy_outputs(kw, reference, llm_check):
+    llm = LLM(dtype="float32", device="cpu", **kw)
+    llm_check(llm)
+    outs = llm.chat(convs(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    if kw.get("kv_cache_tokens"):
+        assert llm.engine.scheduler.stats.preemptions > 0 or llm.engine.scheduler.stats.prefill_tokens > 0
+    llm.close()
+
+
+def test_shared_prefix_is_reused(embedded, llm_check):
+    llm_check(embedded)
+    embedded.clear_cache()
+    stats = embedded.engine.scheduler.stats
+    first = embedded.chat(convs()[:1], GREEDY)[0]
+    assert first.cached_tokens == 0
+    before = stats.prefill_tokens
+    second = embedded.chat(convs()[1:2], GREEDY)[0]
+    shared = 0
+    a, b = first.prompt_token_ids, second.prompt_token_ids
+    while a[shared] == b[shared]:
+        shared += 1
+    assert shared > 100
+    ps = embedded.engine.runner.page_size
+    assert second.cached_tokens >= shared // ps * ps
+    assert stats.prefill_tokens - before == second.prompt_tokens - second.cached_tokens
+    # the same prompt again reuses all but its last token (whose logits give the first output)
+    again = embedded.chat(convs()[1:2], GREEDY)[0]
+    assert again.cached_tokens >= (again.prompt_tokens - 1) // ps * ps
+    assert again.token_ids == second.token_ids
+
+
+def test_preemption_and_two_large_requests():
+    # pool of 200 tokens; two prompts of ~90 tokens each generating 60: they cannot both finish resident
+    llm = LLM(dtype="float32", device="cpu", kv_cache_tokens=201, max_prefill_tokens=32)
+    ids = llm.tokenizer.encode(SYSTEM)[:90]
+    p = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    together = llm.generate([ids, ids[::-1]], p)
+    assert llm.engine.scheduler.stats.preemptions > 0
+    alone = [llm.generate([x], p)[0] for x in (ids, ids[::-1])]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) == 60 for o in together)
+    # one request that cannot fit even in an empty pool is refused at admission
+    with pytest.raises(ContextLengthExceeded):
+        llm.generate([ids * 3], p)
+    from tests.conftest import kv_leak_free
+
+    kv_leak_free(llm)
+    llm.close()

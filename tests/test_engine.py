@@ -1,0 +1,104 @@
+"""Continuous batching, sampling, stops and errors through the offline API on the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+
+from aengine import LLM, ContextLengthExceeded, InvalidRequest, SamplingParams
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Count from one to ten in words."}],
+    [{"role": "user", "content": "Write a short poem about autumn leaves."}],
+    [{"role": "user", "content": "Give me three tips for learning to cook."}],
+    [{"role": "user", "content": "Hi"}],
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def test_batch_equals_one_at_a_time(embedded, llm_check):
+    llm_check(embedded)
+    together = embedded.chat(CHATS, GREEDY)
+    alone = [embedded.chat([c], GREEDY)[0] for c in CHATS]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert together[0].text == "The capital of France is Paris."
+    assert together[0].finish_reason == "stop" and together[1].finish_reason == "length"
+    assert len(together[1].token_ids) == 24
+
+
+def test_seeded_sampling_reproducible_in_any_batch(embedded, llm_check):
+    llm_check(embedded)
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, min_p=0.01, seed=1234)
+    alone = embedded.chat([CHATS[2]], p)[0]
+    others = [SamplingParams(max_tokens=20, temperature=1.0, seed=None)] * 3
+    batch = embedded.chat([CHATS[0], CHATS[2], CHATS[1], CHATS[3]], [others[0], p, others[1], others[2]])
+    assert batch[1].token_ids == alone.token_ids
+    other_seed = embedded.chat([CHATS[2]], SamplingParams(max_tokens=20, temperature=0.9, seed=99))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_stop_strings_and_tokens(embedded, llm_check):
+    llm_check(embedded)
+    full = embedded.chat([CHATS[1]], SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = "3\n4."  # spans several tokens
+    assert stop in full.text, full.text
+    cut = embedded.chat([CHATS[1]], SamplingParams(max_tokens=40, temperature=0, stop=["zebra", stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    tok = full.token_ids[3]
+    by_id = embedded.chat([CHATS[1]], SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[tok]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[: full.token_ids.index(tok) + 1]
+    eos = embedded.chat([CHATS[0]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    assert eos.finish_reason == "length" and len(eos.token_ids) == 40
+
+
+def test_raw_prompts_and_ids(embedded, llm_check):
+    llm_check(embedded)
+    a = embedded.generate(["The capital of France is"], GREEDY)[0]
+    ids = embedded.tokenizer.encode("The capital of France is")
+    b = embedded.generate([ids], GREEDY)[0]
+    assert a.token_ids == b.token_ids and a.prompt_tokens == len(ids)
+    assert "Paris" in a.text
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_bad_sampling_params(embedded, llm_check, kw, msg):
+    llm_check(embedded)
+    with pytest.raises(InvalidRequest, match=msg):
+        embedded.generate(["hello"], SamplingParams(**kw))
+
+
+def test_bad_prompts(embedded, llm_check):
+    llm_check(embedded)
+    with pytest.raises(InvalidRequest, match="empty"):
+        embedded.generate([""], GREEDY)
+    with pytest.raises(InvalidRequest, match="empty"):
+        embedded.generate([[]], GREEDY)
+    with pytest.raises(InvalidRequest, match="out of range"):
+        embedded.generate([[1, 2, 10**9]], GREEDY)
+    n = embedded.engine.max_model_len
+    with pytest.raises(ContextLengthExceeded, match=f"{n}"):
+        embedded.generate([[5] * n], GREEDY)
+    with pytest.raises(ContextLengthExceeded, match="max_tokens"):
+        embedded.generate([[5] * (n - 10)], SamplingParams(max_tokens=20))
+    # nothing was harmed: a normal request still works
+    assert embedded.chat([CHATS[0]], GREEDY)[0].text == "The capital of France is Paris."
+
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        LLM(str(tmp_path), load_format="dummy")

@@ -66,6 +66,7 @@ class Metrics:
             ("aengine_prefill_tokens_total", "Prompt tokens computed.", st.prefill_tokens),
             ("aengine_generated_tokens_total", "Tokens generated.", st.generated_tokens),
             ("aengine_preemptions_total", "Requests preempted for lack of KV pages.", st.preemptions),
+            ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", kv["evicted"]),
         ]
         out: list[str] = []
         for kind, rows in (("gauge", gauges), ("counter", counters)):

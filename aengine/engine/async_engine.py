@@ -172,4 +172,5 @@ class AsyncEngine:
         return {
             "capacity": s.alloc.capacity, "free": s.alloc.num_free, "used": s.alloc.num_used,
             "tree": tree.total_pages if tree else 0, "tree_evictable": tree.evictable_pages if tree else 0,
+            "evicted": tree.evicted_pages if tree else 0,
         }

@@ -119,6 +119,12 @@ class LLM:
         self._loop.run_until_complete(self.engine.shutdown())
         self._loop.close()
 
+    def __del__(self) -> None:
+        try:  # a forgotten close() should not leave a pending scheduler task behind
+            self.close()
+        except Exception:
+            pass
+
     def __enter__(self) -> LLM:
         return self
 

@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
                     "/metrics on the same port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
     _add_fields(p, ServerConfig, "server")
     _add_fields(p, EngineConfig, "engine")
+    p.add_argument("--shell", action="store_true",
+                   help="chat with the model in this terminal through the engine directly, without a server")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level (default: info)")
     return p
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from aengine.distributed_launch import run_worker_node
 
         return run_worker_node(engine_cfg)
+    if ns.shell:
+        from aengine.shell import run_shell
+
+        return run_shell(engine_cfg, max_tokens=server_cfg.max_tokens_limit or 512)
     from aengine.server import run_server
 
     return run_server(engine_cfg, server_cfg)

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -40,6 +41,8 @@ from aengine.protocol import (
 from aengine.scheduler.request import EngineError, Req, SamplingParams
 
 log = logging.getLogger("aengine")
+# The browser chat page, served at GET / (a WebSocket upgrade on / is still the API).
+CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
 
 
 @dataclass(eq=False)
@@ -230,6 +233,10 @@ class Server:
         if path == "/metrics":
             r = conn.respond(HTTPStatus.OK, self.metrics.render(self.engine))
             r.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return r
+        if path in ("/", "/chat") and request.headers.get("Upgrade", "").lower() != "websocket":
+            r = conn.respond(HTTPStatus.OK, CHAT_PAGE)
+            r.headers["Content-Type"] = "text/html; charset=utf-8"
             return r
         return None  # everything else is the WebSocket endpoint
 

@@ -15,7 +15,7 @@ log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
 export PYTHONUNBUFFERED=1
 stages=${*:-jit tests w1-fi w1-fa w2-fi w2-fa}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run.log"
-log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); stages: $stages"
+log "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; stages: $stages"
 python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tee -a "$OUT/run.log"
 python3 -c "import flash_attn.cute; print('flash_attn.cute ok')" 2>&1 | tail -1 | tee -a "$OUT/run.log"
 left() { (( $(date +%s) - T0 < BUDGET_S )); }

@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import socket
 import threading
 from datetime import timedelta
@@ -155,6 +156,8 @@ def _watch_parent() -> None:
 def _rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
                init_method: str) -> None:
     """Entry point of a spawned rank."""
+    # Ctrl-C reaches the whole process group; rank 0 drains on it and then stops the ranks itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent()
     if torch.cuda.device_count() == 0:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp // cfg.nnodes)))

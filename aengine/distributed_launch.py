@@ -231,7 +231,7 @@ class TPExecutor(Executor):
         except Exception as e:  # gloo saw the closed connection first: say which kind of fault it is
             self.faulted = True
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RankDied(self.error or f"a tensor-parallel rank failed: {first}") from e
+            raise RankDied(self.error or f"the tensor-parallel step failed (rank 0 or a peer): {first}") from e
 
     async def _result(self, p: Pending) -> list[int]:
         if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):

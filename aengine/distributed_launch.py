@@ -228,7 +228,7 @@ class TPExecutor(Executor):
         except RankDied:
             self.faulted = True
             raise
-        except Exception as e:  # gloo saw the closed connection first: say which kind of fault it is
+        except Exception as e:  # the step raised: a collective saw a dead peer (gloo), or rank 0 itself failed
             self.faulted = True
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RankDied(self.error or f"the tensor-parallel step failed (rank 0 or a peer): {first}") from e

@@ -7,12 +7,22 @@ event is awaited from a helper thread, so the loop keeps serving while the GPU w
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from aengine.engine.runner import ModelRunner
 from aengine.engine.step import StepInput
+
+# Test hook (docs/reliability.md): a prefill step holding this token id raises inside the step, as
+# a faulting kernel would, so tests drive the fault path of a real server without mocks.
+FAULT_TOKEN = int(os.environ.get("AENGINE_FAULT_TOKEN", "-1"))
+
+
+def _inject_fault(inp: StepInput) -> None:
+    if FAULT_TOKEN >= 0 and FAULT_TOKEN in inp.input_ids:
+        raise RuntimeError(f"injected fault (token {FAULT_TOKEN} in a prefill)")
 
 
 class Pending:
@@ -29,6 +39,7 @@ class Executor:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-step")
 
     def _run(self, inp: StepInput) -> list[int]:
+        _inject_fault(inp)
         if self.broadcast is not None:
             self.broadcast(inp)
         return self.runner.step(inp).tolist()
@@ -36,6 +47,7 @@ class Executor:
     def launch(self, inp: StepInput) -> Pending:
         if not self.cuda:
             return Pending(fut=self.pool.submit(self._run, inp))
+        _inject_fault(inp)
         if self.broadcast is not None:
             self.broadcast(inp)
         ids = self.runner.step(inp).to("cpu", non_blocking=True)

@@ -22,6 +22,15 @@ from aengine.scheduler.request import Req
 
 log = logging.getLogger("aengine")
 
+# A step that raises fails only its own requests. These many faulted steps in a row (no good step
+# between them) mean the fault is not about one request: the engine state is then not trusted.
+MAX_CONSECUTIVE_FAULTS = 3
+
+
+def _untrusted(e: BaseException) -> bool:
+    """Faults after which the device or a rank is in an unknown state (CUDA errors, a dead TP rank)."""
+    return not isinstance(e, Exception) or "CUDA" in str(e) or type(e).__name__ == "RankDied"
+
 
 @dataclass
 class Stats:
@@ -55,6 +64,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self.fault: BaseException | None = None
+        self.faults = 0  # consecutive faulted steps
 
     # ---- front-end interface -------------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -92,7 +102,10 @@ class Scheduler:
                 launched = None
                 if batch is not None:
                     inp, reqs = batch
-                    launched = (inp, reqs, self.ex.launch(inp))
+                    try:
+                        launched = (inp, reqs, self.ex.launch(inp))
+                    except Exception as e:  # CUDA: the forward is launched on this thread
+                        self._step_failed(reqs, e)
                 processed = inflight is not None
                 if inflight is not None:
                     await self._process(*inflight)
@@ -267,7 +280,13 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------
     async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending) -> None:
-        ids = await self.ex.result(pending)
+        try:
+            ids = await self.ex.result(pending)
+        except Exception as e:
+            self._step_failed(reqs, e)
+            return
+        if any(r.finish_reason is None for r in reqs):  # not just the overlap step of a failed one
+            self.faults = 0
         for row, tok in zip(inp.sample_rows, ids):
             req = reqs[row]
             req.pending -= 1
@@ -300,16 +319,27 @@ class Scheduler:
         else:
             req.emit(req, [tok], text, None)
 
-    def _finish(self, req: Req, reason: str, ids: list[int], text: str) -> None:
+    def _finish(self, req: Req, reason: str, ids: list[int], text: str, cache: bool = True) -> None:
         req.finish_reason = reason
         if req.slot:
-            self._release(req)
+            self._release(req, cache)
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.by_id.pop(req.rid, None)
         self.stats.finished += 1
         req.emit(req, ids, text, reason)
+
+    def _step_failed(self, reqs: list[Req], e: Exception) -> None:
+        """Fail the step's requests with "error" and free their KV, keeping none of it in the prefix
+        cache (the failed step may have written garbage); re-raise when the state is not trusted."""
+        self.faults += 1
+        if self.faults >= MAX_CONSECUTIVE_FAULTS or _untrusted(e):
+            raise e
+        log.error("a step failed; failing its %d request(s)", len(set(reqs)), exc_info=e)
+        for req in dict.fromkeys(reqs):
+            if req.finish_reason is None:
+                self._finish(req, "error", [], "", cache=False)
 
     def _handle_aborts(self) -> None:
         for req in self.aborted:
@@ -322,15 +352,21 @@ class Scheduler:
         """Tokens whose KV is (or, by stream order, will be) written: all but the last sampled token."""
         return min(req.kv_len, len(req.all_ids))
 
-    def _release(self, req: Req) -> None:
-        """Give back req's slot and pages; with the radix cache its computed prefix stays cached."""
+    def _release(self, req: Req, cache: bool = True) -> None:
+        """Give back req's slot and pages; with the radix cache its computed prefix stays cached
+        (with cache=False only what the tree already held stays)."""
         n = self._computed_len(req)
         start = 0
         if self.tree is not None:
-            tree_pages, _ = self.tree.insert(req.all_ids[:n], req.pages)
-            dups = [m for m, t in zip(req.pages, tree_pages) if m != t]
-            self.alloc.free(dups)
-            start = len(tree_pages)
+            if cache:
+                tree_pages, _ = self.tree.insert(req.all_ids[:n], req.pages)
+                dups = [m for m, t in zip(req.pages, tree_pages) if m != t]
+                self.alloc.free(dups)
+                start = len(tree_pages)
+            else:  # req.pages begins with the pages of its locked node's path, which the tree owns
+                node = req.node
+                while node is not None:
+                    start, node = start + len(node.pages), node.parent
             self.tree.unlock(req.node)
             req.node = None
         self.alloc.free(req.pages[start:])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -40,14 +41,16 @@ HELP = {
     # server
     "host": "address to listen on (loopback by default; 0.0.0.0 exposes the server)",
     "port": "TCP port for WebSocket, /health and /metrics",
-    "api_key": "require this key (Authorization: Bearer KEY, or ?api_key=KEY in the URL)",
+    "api_key": "require this key on the WebSocket handshake (Authorization: Bearer KEY, or the subprotocol "
+               "bearer.KEY next to aengine); default: $AENGINE_API_KEY",
     "allowed_origins": "accepted Origin headers for browser clients (default: any); repeat or comma-separate",
     "max_frame_bytes": "largest accepted client frame in bytes",
     "max_requests_per_connection": "most live requests on one connection",
     "max_connections": "most open WebSocket connections",
     "max_waiting_requests": "queue length at which new requests are refused with overloaded",
     "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
-    "send_buffer_bytes": "per-connection write buffer before the server waits for a slow client",
+    "send_buffer_bytes": "unsent bytes a connection may hold; past it its requests are aborted and it is closed",
+    "debug_state": "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)",
     "drain_seconds": "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled",
 }
 CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"]}
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_kw = _pick(ServerConfig, ns)
     origins = server_kw.pop("allowed_origins") or []
+    server_kw["api_key"] = server_kw["api_key"] or os.environ.get("AENGINE_API_KEY") or None
     server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
     engine_cfg = EngineConfig(**_pick(EngineConfig, ns))
     if engine_cfg.node_rank > 0:  # multi-node TP: other nodes run only their ranks; node 0 serves

@@ -51,3 +51,4 @@ class ServerConfig:
     max_tokens_limit: int = 0  # 0: up to the context length
     send_buffer_bytes: int = 8 * 1024 * 1024
     drain_seconds: float = 5.0
+    debug_state: bool = False  # GET /debug/state: KV and radix-tree invariants, for tests

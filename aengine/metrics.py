@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class Metrics:
         self.itl = Histogram("aengine_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
         self.requests: dict[str, int] = {}  # finished requests by finish reason or error code
         self.connections = 0
+        self.slow_closes = 0  # connections closed for not reading their frames
 
     def finished(self, reason: str) -> None:
         self.requests[reason] = self.requests.get(reason, 0) + 1
@@ -66,6 +69,8 @@ class Metrics:
             ("aengine_prefill_tokens_total", "Prompt tokens computed.", st.prefill_tokens),
             ("aengine_generated_tokens_total", "Tokens generated.", st.generated_tokens),
             ("aengine_preemptions_total", "Requests preempted for lack of KV pages.", st.preemptions),
+            ("aengine_slow_client_closes_total", "Connections closed because their send buffer was full.",
+             self.slow_closes),
             ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", kv["evicted"]),
         ]
         out: list[str] = []
@@ -77,3 +82,48 @@ class Metrics:
         out += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.requests.items())]
         out += self.ttft.render() + self.itl.render()
         return "\n".join(out) + "\n"
+
+
+def debug_state(engine: AsyncEngine, sessions: int) -> dict[str, object]:
+    """GET /debug/state (--debug-state): counts and invariant checks a test can read from outside
+    the process: every page is free, held by a request, or held by the radix tree exactly once."""
+    s, problems = engine.scheduler, []
+    pages: list[int] = []
+    tree = s.tree
+    if tree is not None:
+        locked = evictable = 0
+        stack = list(tree.root.children.values())
+        while stack:
+            n = stack.pop()
+            # a lock pins the whole path, so a node is never referenced more often than its parent
+            ok = len(n.key) == len(n.pages) * tree.ps and 0 <= n.ref
+            ok = ok and (n.parent is tree.root or n.ref <= n.parent.ref)
+            if not ok or any(c.parent is not n or k != tuple(c.key[: tree.ps]) for k, c in n.children.items()):
+                problems.append(f"bad node: {len(n.key)} tokens, {len(n.pages)} pages, ref {n.ref}")
+            locked, evictable = (locked + len(n.pages), evictable) if n.ref else (locked, evictable + len(n.pages))
+            pages += n.pages
+            stack += n.children.values()
+        if (locked, evictable) != (tree.locked_pages, tree.evictable_pages):
+            problems.append(f"tree counts {tree.locked_pages}/{tree.evictable_pages}, found {locked}/{evictable}")
+    owned = set(pages)
+    for r in s.running:
+        owned.update(r.pages)
+    free = set(s.alloc._free)
+    if len(pages) != len(set(pages)) or owned & free or len(free) != s.alloc.num_free:
+        problems.append("a page is held twice, or held and free")
+    if not s.by_id and len(owned) + len(free) != s.alloc.capacity:
+        problems.append(f"idle, but {s.alloc.capacity - len(owned) - len(free)} pages are neither free nor cached")
+    return {"running": len(s.running), "waiting": len(s.waiting), "requests": len(s.by_id),
+            "sessions": sessions, "pages_total": s.alloc.capacity, "pages_free": s.alloc.num_free,
+            "pages_tree": len(pages), "pages_tree_locked": tree.locked_pages if tree else 0,
+            "pages_evicted": tree.evicted_pages if tree else 0,
+            "free_slots": len(s.free_slots), "max_running": s.max_running,
+            "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": problems}
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        return 0

@@ -27,7 +27,7 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_
     max_tokens: int | None = None  # None: up to the context length
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = 0  # bounded: the sampler holds it as an int
     min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -105,6 +105,8 @@ def decode(frame: str | bytes) -> ClientMessage:
         msg = _decoder.decode(frame)
     except msgspec.DecodeError as e:
         raise ProtocolError(str(e), _salvage_id(frame)) from None
+    except RecursionError:  # msgspec's answer to a hostile "[[[[..." frame
+        raise ProtocolError("JSON nested too deeply") from None
     if isinstance(msg, Generate):
         given = sum(x is not None for x in (msg.prompt, msg.messages, msg.input_ids))
         if given != 1:
@@ -116,7 +118,7 @@ def _salvage_id(frame: str | bytes) -> str | None:
     """The id of a frame that failed validation, so the client can match the error to its request."""
     try:
         obj = msgspec.json.decode(frame)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and rid else None

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import itertools
+import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,10 +23,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from aengine.config import EngineConfig, ServerConfig
 from aengine.engine.async_engine import AsyncEngine
-from aengine.metrics import Metrics
+from aengine.metrics import Metrics, debug_state
 from aengine.protocol import (
     Cancel,
     Delta,
@@ -66,15 +70,40 @@ class Session:
         # Frames are queued by the scheduler's emit callbacks and written by one task: a step that
         # produces deltas for many streams of this connection goes out in one write.
         self.outbox: list[bytes] = []
+        self.queued = 0  # bytes in outbox
         self.wake = asyncio.Event()
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop())
 
     # ---- sending ---------------------------------------------------------------------------
     def send(self, msg: ServerMessage) -> None:
-        if not self.closed:
-            self.outbox.append(encode(msg))
-            self.wake.set()
+        if self.closed:
+            return
+        frame = encode(msg)
+        self.outbox.append(frame)
+        self.queued += len(frame)
+        self.wake.set()
+        try:
+            buffered = self.ws.transport.get_write_buffer_size()
+        except Exception:  # a transport closing under us: this runs in the scheduler's emit, never raise
+            buffered = 0
+        if self.queued + buffered > self.server.cfg.send_buffer_bytes:
+            self._too_slow()
+
+    def _too_slow(self) -> None:
+        """The client reads slower than its requests produce: bound the memory it can pin by
+        aborting its requests and closing it (docs/reliability.md, slow consumers)."""
+        log.warning("connection %d: over %d unsent bytes; closing it", self.no, self.server.cfg.send_buffer_bytes)
+        self.server.metrics.slow_closes += 1
+        self.close()
+        self.outbox, self.queued = [], 0
+        ws = self.ws
+        try:  # the close frame goes behind what is buffered; a client that never reads won't see it
+            ws.protocol.send_close(1008, "client too slow: send buffer full")
+            ws.send_data()
+        except Exception:
+            pass
+        asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
 
     def error(self, id: str | None, code: str, message: str) -> None:
         self.send(Error(id, code, message))  # type: ignore[arg-type]
@@ -85,7 +114,7 @@ class Session:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
-                frames, self.outbox = self.outbox, []
+                frames, self.outbox, self.queued = self.outbox, [], 0
                 if len(frames) == 1:
                     await ws.send(frames[0], text=True)
                 elif frames:
@@ -118,11 +147,12 @@ class Session:
         elif len(self.live) >= self.server.cfg.max_requests_per_connection:
             self.error(msg.id, "overloaded", f"at most {self.server.cfg.max_requests_per_connection} "
                                              f"live requests per connection")
-        elif len(self.engine.scheduler.waiting) >= self.server.cfg.max_waiting_requests:
+        elif len(self.engine.scheduler.waiting) + self.server.tokenizing >= self.server.cfg.max_waiting_requests:
             self.error(msg.id, "overloaded", "too many requests are waiting; retry later")
         else:
             st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic())
             self.live[msg.id] = st
+            self.server.tokenizing += 1  # not yet in the scheduler's queue, but it will be
             task = asyncio.create_task(self._start(st, msg))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -155,6 +185,8 @@ class Session:
         except Exception as e:
             log.exception("request %s failed", st.rid)
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
+        finally:
+            self.server.tokenizing -= 1
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
         max_tokens, limit = g.max_tokens, self.server.cfg.max_tokens_limit
@@ -217,6 +249,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.draining = False
         self.failed = False
+        self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
         self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-tok")
         self._numbers = itertools.count()
 
@@ -238,29 +271,33 @@ class Server:
             r = conn.respond(HTTPStatus.OK, CHAT_PAGE)
             r.headers["Content-Type"] = "text/html; charset=utf-8"
             return r
+        if path == "/debug/state" and self.cfg.debug_state:
+            r = conn.respond(HTTPStatus.OK, json.dumps(debug_state(self.engine, len(self.sessions))) + "\n")
+            r.headers["Content-Type"] = "application/json"
+            return r
+        if not self._authorized(request.headers, request.path):  # refused before any session exists
+            r = conn.respond(HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")
+            r.headers["WWW-Authenticate"] = "Bearer"
+            return r
         return None  # everything else is the WebSocket endpoint
 
-    def _authorized(self, request: Request | None) -> bool:
+    def _authorized(self, headers: Headers, path: str) -> bool:
         if not self.cfg.api_key:
             return True
-        if request is None:
-            return False
-        headers: Headers = request.headers
         auth = headers.get("Authorization", "")
         given = auth[7:] if auth.startswith("Bearer ") else ""
-        # Browsers cannot set headers on a WebSocket, so the key may come in the query string too.
-        given = given or parse_qs(urlsplit(request.path).query).get("api_key", [""])[0]
+        # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol
+        # "bearer.KEY" next to "aengine" (or, less safely since URLs get logged, ?api_key=KEY).
+        for proto in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(","):
+            if proto.strip().startswith("bearer."):
+                given = given or proto.strip()[7:]
+        given = given or parse_qs(urlsplit(path).query).get("api_key", [""])[0]
         return hmac.compare_digest(given.encode(), self.cfg.api_key.encode())
 
     async def handler(self, ws: ServerConnection) -> None:
-        refuse = None
-        if not self._authorized(ws.request):
-            refuse = Error(None, "unauthorized", "a valid API key is required"), 1008
-        elif len(self.sessions) >= self.cfg.max_connections:
-            refuse = Error(None, "overloaded", "too many connections"), 1013
-        if refuse is not None:
-            await ws.send(encode(refuse[0]), text=True)
-            await ws.close(refuse[1], refuse[0].message)
+        if len(self.sessions) >= self.cfg.max_connections:
+            await ws.send(encode(Error(None, "overloaded", "too many connections")), text=True)
+            await ws.close(1013, "too many connections")
             return
         sess = Session(self, ws, next(self._numbers))
         self.sessions.add(sess)
@@ -292,13 +329,19 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         await self.engine.start()
-        origins = list(self.cfg.allowed_origins) or None
+        # Origin is checked for browsers; other clients send none and are let through (None).
+        origins = [*self.cfg.allowed_origins, None] if self.cfg.allowed_origins else None
         async with serve(self.handler, self.cfg.host, self.cfg.port, process_request=self.process_request,
                          origins=origins, compression=None, max_size=self.cfg.max_frame_bytes,
-                         write_limit=self.cfg.send_buffer_bytes) as server:
+                         write_limit=self.cfg.send_buffer_bytes, select_subprotocol=_select_subprotocol) as server:
             log.info("serving %s on ws://%s:%d", self.engine.model_name, self.cfg.host, self.cfg.port)
+            if exposed_without_key(self.cfg):
+                log.warning("listening on %s without --api-key: anyone who can reach it can use it", self.cfg.host)
             await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task],
                                return_when=asyncio.FIRST_COMPLETED)
+            if self.engine.task.done():  # scheduler fault: its state is not trusted, so say so and exit
+                for sess in self.sessions:
+                    sess.error(None, "internal", "the engine failed and cannot continue; the server is exiting")
             await self._drain()
             server.close()
             await asyncio.wait_for(server.wait_closed(), timeout=5)
@@ -322,6 +365,20 @@ class Server:
             log.exception("the engine stopped after a fault")
             self.failed = True
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
+
+
+def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Select "aengine" when offered: a browser that offers subprotocols (e.g. for its key) fails
+    the handshake unless one is selected; the key itself is never echoed."""
+    return Subprotocol("aengine") if "aengine" in offered else None
+
+
+def exposed_without_key(cfg: ServerConfig) -> bool:
+    try:
+        loopback = ipaddress.ip_address(cfg.host).is_loopback
+    except ValueError:
+        loopback = cfg.host == "localhost"
+    return not loopback and not cfg.api_key
 
 
 def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:

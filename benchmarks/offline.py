@@ -41,7 +41,8 @@ def params(max_tokens: int) -> SamplingParams:
 def run_w1(llm: LLM, args: argparse.Namespace) -> dict:
     prompts, max_tokens = w1_requests(args.num_prompts, args.input_len, args.output_len)
     # warm-up: first-use kernel compiles and allocator growth stay out of the timing
-    llm.generate([p[:64] for p in prompts[:4]], [params(8) for _ in range(4)])
+    n = min(4, len(prompts))
+    llm.generate([p[:64] for p in prompts[:n]], [params(8) for _ in range(n)])
     llm.clear_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, [params(m) for m in max_tokens], use_tqdm=not args.no_progress)

@@ -6,6 +6,7 @@
 # figures.jsonl next to peers.jsonl and run benchmarks/compare.py on both (done here at the end
 # when $OUT/figures.jsonl exists, e.g. after both scripts ran with the same OUT).
 # Stages are the arguments (default: all):  w1-peer w2-peer w3 w4 compare
+#   also: w1-engine w2-engine w1-sub (engine and peer on the first $W1_SUB W1 requests)
 # A stage starts only while the run is younger than $BUDGET_S seconds (default 540), so one call
 # stays inside a 10-minute limit with its logs intact; run the rest in a second call.
 set -uo pipefail
@@ -50,14 +51,23 @@ for s in $stages; do
           --spawn "--model $Q06 --load-format dummy $TOKARG --cache $cache" --server-log "$OUT/w3-server-$cache.log" \
           --label "W3 cache=$cache" --json "$OUT/w3.jsonl"
       done ;;
-    w4)  # W1-like Poisson stream at several rates, then fixed concurrency 256 (saturation)
+    w4)  # W1-like Poisson stream at rising rates up to saturation (inf), with the plot
       step "w4 rates" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
         --spawn "--model $Q06 --load-format dummy $TOKARG" --server-log "$OUT/w4-server.log" \
-        --request-rate 2,4,8,16,inf --connections 16 --label "W4 qwen3-0.6b dummy" \
-        --plot "$OUT/load_w4.png" --json "$OUT/w4.jsonl"
-      step "w4 concurrency" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
-        --spawn "--model $Q06 --load-format dummy $TOKARG" --concurrency 256 --connections 16 \
-        --label "W4 concurrency 256" --json "$OUT/w4.jsonl" ;;
+        --request-rate ${W4_RATES:-16,64,inf} --connections 16 --label "W4 qwen3-0.6b dummy" \
+        --plot "$OUT/load_w4.png" --json "$OUT/w4.jsonl" ;;
+    w1-sub)  # engine and peer on the same first N W1 requests (the peer's full W1 takes ~5 min)
+      n=${W1_SUB:-64}
+      step "w1[:$n] engine" peers.log python3 benchmarks/offline.py --workload w1 --model $Q06 \
+        --load-format dummy $TOKARG --num-prompts "$n" --no-progress --json "$OUT/peers.jsonl"
+      step "w1[:$n] peer generate_batch" peers.log python3 benchmarks/peers/hf.py --workload w1 --model $Q06 \
+        --num-prompts "$n" --mode generate_batch --attn "paged|sdpa" --no-progress --json "$OUT/peers.jsonl" ;;
+    w2-engine)
+      step "w2 engine" peers.log python3 benchmarks/offline.py --workload w2 --model $L8 --load-format dummy \
+        $TOKARG --repeats 2 --no-progress --json "$OUT/peers.jsonl" ;;
+    w1-engine)
+      step "w1 engine" peers.log python3 benchmarks/offline.py --workload w1 --model $Q06 --load-format dummy \
+        $TOKARG --no-progress --json "$OUT/peers.jsonl" ;;
     compare)
       files="$OUT/peers.jsonl"; [ -f "$OUT/figures.jsonl" ] && files="$OUT/figures.jsonl $files"
       python3 benchmarks/compare.py $files 2>&1 | tee "$OUT/compare.txt" | tee -a "$OUT/bench-run.log" ;;

@@ -80,6 +80,8 @@ class RequestOutput:
     total_ms: float = 0.0
 
 
+PREFIX_KEY = 64  # tokens: prompts that open alike are prefilled one step apart (Scheduler._schedule_prefill)
+
 # (req, new token ids, new text, finish_reason or None)
 EmitFn = Callable[["Req", list[int], str, "str | None"], None]
 
@@ -101,11 +103,16 @@ class Req:
     fill_ids: list[int] = field(default_factory=list)  # tokens to prefill (prompt + outputs on resume)
     node: object | None = None  # locked radix node
     cached_tokens: int = 0
+    tree_len: int = 0  # leading tokens of this request whose KV the radix tree holds
     pending: int = 0  # sampled tokens in flight, not yet processed
     finish_reason: str | None = None
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float = 0.0
     t_last: float = 0.0
+
+    def __post_init__(self) -> None:
+        # the opening tokens that requests sharing a prompt prefix have in common
+        self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
 
     @property
     def prefilling(self) -> bool:

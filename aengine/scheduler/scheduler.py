@@ -18,7 +18,7 @@ from aengine.cache.allocator import PageAllocator
 from aengine.cache.radix import RadixCache
 from aengine.engine.executor import Executor, Pending
 from aengine.engine.step import StepInput
-from aengine.scheduler.request import Req
+from aengine.scheduler.request import PREFIX_KEY, Req
 
 log = logging.getLogger("aengine")
 
@@ -160,7 +160,7 @@ class Scheduler:
             pages, node = self.tree.match(req.fill_ids[:-1])
             self.tree.lock(node)
             req.node, req.pages = node, list(pages)
-        req.kv_len = len(req.pages) * self.ps
+        req.kv_len = req.tree_len = len(req.pages) * self.ps
         if not req.output_ids:
             req.cached_tokens = req.kv_len
         self.stats.cache_hit_tokens += req.kv_len
@@ -180,14 +180,24 @@ class Scheduler:
             if n:
                 chosen.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0:
-            req = self.waiting[0]
+        # Prompts whose opening is being computed right now but is not in the tree yet: a waiting
+        # request that starts the same way waits a step and then reuses that KV (many requests
+        # arriving at once with one system prompt would otherwise all compute it).
+        pending = {r.prefix_key for r in self.running if r.tree_len < PREFIX_KEY} if self.tree else set()
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            req = self.waiting[i]
+            if req.prefix_key is not None and req.prefix_key in pending:
+                i += 1
+                continue
             need = -(-(len(req.fill_ids) - self._cached_len(req)) // self.ps)
             if need + reserve > self.available_pages() and (self.running or chosen):
                 break  # wait for memory rather than thrash
             if not self._admit(req):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
+            if req.tree_len < PREFIX_KEY:
+                pending.add(req.prefix_key)
             n = self._grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
             if n == 0:
                 break
@@ -294,8 +304,9 @@ class Scheduler:
                 continue  # finished while this step was in flight: its token is discarded
             self._append(req, tok)
         if self.tree is not None and not inp.decode:
+            # cache computed prompts now, not when they finish, so that requests sharing them hit
             for req in reqs:
-                if req.prefilling and req.finish_reason is None:
+                if req.finish_reason is None and req.slot:
                     self._cache_unfinished(req)
 
     def _append(self, req: Req, tok: int) -> None:
@@ -377,6 +388,7 @@ class Scheduler:
     def _cache_unfinished(self, req: Req) -> None:
         """Insert a chunked prompt's computed pages so others can share them while it runs on."""
         tree_pages, node = self.tree.insert(req.fill_ids[: req.kv_len], req.pages)
+        req.tree_len = len(tree_pages) * self.ps
         for i, (m, t) in enumerate(zip(req.pages, tree_pages)):
             if m != t:
                 self.alloc.free([m])

@@ -12,9 +12,12 @@ class KVPool:
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        # uninitialised: attention only reads slots a request has written
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed on the GPU (a memset, cheap): kernels that load a whole page tile must not meet
+        # NaN/Inf bit patterns in its unwritten slots. On the CPU only written slots are read, and
+        # zeroing gigabytes there costs seconds at start-up.
+        alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -120,6 +120,10 @@ class AsyncEngine:
                 raise InvalidRequest(f"input_ids out of range [0, {vocab}): {bad[:5]}")
         if not ids:
             raise InvalidRequest("the prompt is empty")
+        if input_ids is None and max(ids) >= self.hf_config.vocab_size:
+            # a tokenizer borrowed for a smaller dummy model can produce ids the model lacks
+            raise InvalidRequest(f"the tokenizer produced ids beyond this model's vocabulary "
+                                 f"({self.hf_config.vocab_size}); send input_ids instead")
         return list(ids)
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> Req:

@@ -102,3 +102,16 @@ def test_unknown_model(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLM(str(tmp_path), load_format="dummy")
+
+
+def test_borrowed_tokenizer_beyond_vocab(tmp_path, llm_check):
+    """A tiny model without a tokenizer borrows the embedded one (vocab 49,152 > 512): text whose
+    ids the model lacks is refused clearly, input_ids still work."""
+    from tests.conftest import build_tiny
+
+    llm = LLM(str(build_tiny("llama", tmp_path / "m")), dtype="float32", device="cpu")
+    llm_check(llm)
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        llm.generate(["The capital of France is"], GREEDY)
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    assert len(llm.generate([[1, 2, 3]], p)[0].token_ids) == 5

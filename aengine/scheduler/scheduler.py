@@ -227,17 +227,15 @@ class Scheduler:
         return 0
 
     def _schedule_decode(self, reqs: list[Req], can_retract: bool) -> tuple[StepInput, list[Req]] | None:
-        need = sum(1 for r in reqs if r.kv_len % self.ps == 0 and r.kv_len // self.ps >= len(r.pages))
-        if need > self.available_pages():
+        full = [r for r in reqs if r.kv_len // self.ps >= len(r.pages)]  # their next token needs a page
+        if len(full) > self.available_pages():
             if not can_retract:
                 return None  # drain the in-flight batch first, then preempt
-            reqs = self._retract(reqs, need)
-        chosen = []
-        for r in reqs:
-            if r.kv_len // self.ps >= len(r.pages):
-                r.pages.extend(self._alloc(1))
-            chosen.append((r, 1))
-        return self._build(chosen, decode=True)
+            reqs = self._retract(reqs, len(full))
+            full = [r for r in reqs if r.kv_len // self.ps >= len(r.pages)]
+        for r, page in zip(full, self._alloc(len(full))):  # one allocator call for the whole step
+            r.pages.append(page)
+        return self._build([(r, 1) for r in reqs], decode=True)
 
     def _retract(self, reqs: list[Req], need: int) -> list[Req]:
         """Preempt the newest requests until the rest fit; their KV goes back (prefix kept in the tree)."""

@@ -75,15 +75,17 @@ class Bench:
 
 
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("case", ["prefill_over_prefix", "decode"])
+@pytest.mark.parametrize("case", ["prefill_over_prefix", "decode", "decode_two_pages"])
 def test_backend_matches_torch(name: str, case: str) -> None:
     for ps in PAGES[name]:
         b = Bench(ps)
         if case == "decode":  # one new token over contexts of assorted lengths, one per page edge
             starts, ext = [0, 15, 16 * 7, 999], [1, 1, 1, 1]
+        elif case == "decode_two_pages":  # the lengths of the engine step where fa decode went wrong
+            starts, ext = [135, 162, 155], [1, 1, 1]
         else:  # new tokens after a cached prefix (0 = a fresh prompt), page-unaligned on purpose
             starts, ext = [0, 37, 300, 5], [23, 64, 200, 1]
-        fb = b.fb([1, 2, 3, 4], starts, ext)
+        fb = b.fb([1, 2, 3, 4][: len(starts)], starts, ext)
         q, k, v = b.qkv(sum(ext))
         out = b.run(b.backend(name), fb, q, k, v)  # first: it must store the new K/V itself
         ref = b.run(b.backend("torch"), fb, q, k, v)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,17 +58,20 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-_current: list[AttentionBackend] = []
+# Per thread: engines in one process (tests, an LLM beside a server) run their forwards in their own
+# worker threads, and an overlapped step may still be running when another engine starts one.
+_local = threading.local()
 
 
 def current() -> AttentionBackend:
-    return _current[-1]
+    return _local.stack[-1]
 
 
 @contextlib.contextmanager
 def forward_context(backend: AttentionBackend) -> Iterator[None]:
-    _current.append(backend)
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(backend)
     try:
         yield
     finally:
-        _current.pop()
+        stack.pop()

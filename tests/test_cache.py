@@ -29,7 +29,8 @@ def reference(embedded):
     dict(cache="radix", max_prefill_tokens=16),
     dict(cache="radix", max_prefill_tokens=64, page_size=4),
     dict(cache="none", max_prefill_tokens=16, disable_overlap=True),
-    # a pool about two requests wide: admission waits, decodes preempt the newest
+    # a pool about two requests wide: admission waits for memory (preemption itself is forced in
+    # test_preemption_and_two_large_requests)
     dict(cache="radix", kv_cache_tokens=260, max_prefill_tokens=64),
     dict(cache="none", kv_cache_tokens=260, page_size=4),
 ])
@@ -38,8 +39,6 @@ def test_same_greedy_outputs(kw, reference, llm_check):
     llm_check(llm)
     outs = llm.chat(convs(), GREEDY)
     assert [o.token_ids for o in outs] == reference
-    if kw.get("kv_cache_tokens"):
-        assert llm.engine.scheduler.stats.preemptions > 0 or llm.engine.scheduler.stats.prefill_tokens > 0
     llm.close()
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,18 +112,24 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, sf.get_tensor(name)
 
 
-def init_dummy(model: nn.Module, seed: int) -> None:
-    """Random weights for benchmarks: small uniform values keep activations finite in bf16."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
+def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-size tensors under the checkpoint's own names (read off transformers' model on
+    the meta device), each seeded by its name: every rank draws the same model and keeps its shard,
+    so tp=N serves exactly the weights of tp=1. Small uniform values keep bf16 activations finite."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    for name, p in ref.named_parameters():
         if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.uniform_(-0.02, 0.02, generator=g) if p.is_floating_point() else None
+            yield name, torch.ones(p.shape, device=device)
+            continue
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        yield name, torch.empty(p.shape, device=device).uniform_(-0.02, 0.02, generator=g)
 
 
 def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:
     if load_format == "dummy":
-        init_dummy(model, seed)
+        model.load_weights(dummy_weights(path, seed, next(model.parameters()).device))
     else:
         model.load_weights(iter_safetensors(path))

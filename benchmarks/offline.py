@@ -4,9 +4,12 @@ W1, offline throughput (PERF.md): 256 prompts of random ids, lengths and max_tok
 random.seed(0); temperature 0.6, ignore_eos; 133,966 output tokens on the default settings.
 W2, single-stream decode: batch 1, a 128-token prompt, 512 output tokens; plus the time to the
 first token of a 1,024-token prompt.
+W6, decode at batch 64 (run it with --tp 1 and --tp 2): 64 prompts of 128 random ids, 512 output
+tokens each, all admitted at once; decode tok/s counts the tokens after each request's first.
 
   python benchmarks/offline.py --model benchmarks/configs/qwen3-0.6b --load-format dummy
   python benchmarks/offline.py --workload w2 --model benchmarks/configs/llama-3.1-8b --load-format dummy
+  python benchmarks/offline.py --workload w6 --model benchmarks/configs/qwen3-8b --load-format dummy --tp 2
   # CPU smoke test
   python benchmarks/offline.py --model benchmarks/configs/tiny-llama --load-format dummy \
       --num-prompts 4 --input-len 8,32 --output-len 4,16
@@ -80,6 +83,21 @@ def run_w2(llm: LLM, args: argparse.Namespace) -> dict:
             "ttft_ms": med(ttft), "ttft_prompt_tokens": args.w2_ttft_len, "repeats": args.repeats}
 
 
+def run_w6(llm: LLM, args: argparse.Namespace) -> dict:
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(args.w2_prompt_len)] for _ in range(args.w6_batch)]
+    llm.generate([p[:16] for p in prompts[:4]], params(8))  # warm-up
+    llm.clear_cache()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params(args.w2_output_len), use_tqdm=not args.no_progress)
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.token_ids) for o in outs)
+    # from the last first token on, every step decodes the whole batch
+    decode_s = dt - max(o.ttft_ms for o in outs) / 1e3
+    return {"output_tokens": n_out, "seconds": dt, "tok_per_s": n_out / dt, "batch": len(prompts),
+            "decode_tok_per_s": sum(len(o.token_ids) - 1 for o in outs) / decode_s}
+
+
 def pair(s: str) -> tuple[int, int]:
     lo, _, hi = s.partition(",")
     return int(lo), int(hi or lo)
@@ -91,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="HF model dir, or a dir / config.json with --load-format dummy")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--tokenizer", default=None, help="default: the model dir, else the embedded one")
-    ap.add_argument("--workload", default="w1", choices=["w1", "w2"])
+    ap.add_argument("--workload", default="w1", choices=["w1", "w2", "w6"])
     ap.add_argument("--attn", default="auto", help="torch | fi | fa, or prefill,decode such as fa,fi")
     ap.add_argument("--cache", default="radix", choices=["radix", "none"])
     ap.add_argument("--disable-overlap", action="store_true")
@@ -102,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--w2-prompt-len", type=int, default=128)
     ap.add_argument("--w2-output-len", type=int, default=512)
     ap.add_argument("--w2-ttft-len", type=int, default=1024)
+    ap.add_argument("--w6-batch", type=int, default=64)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--repeats", type=int, default=3, help="W2: runs, the median is reported")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
@@ -116,10 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, attn=args.attn,
               cache=args.cache, disable_overlap=args.disable_overlap, cuda_graph_max_bs=args.cuda_graph_max_bs,
               dtype=args.dtype, device=args.device, page_size=args.page_size,
-              max_running_requests=args.max_running_requests, kv_cache_tokens=args.kv_cache_tokens)
+              max_running_requests=args.max_running_requests, kv_cache_tokens=args.kv_cache_tokens, tp=args.tp)
     startup = time.perf_counter() - t0
     try:
-        res = run_w1(llm, args) if args.workload == "w1" else run_w2(llm, args)
+        res = {"w1": run_w1, "w2": run_w2, "w6": run_w6}[args.workload](llm, args)
     finally:
         runner = llm.engine.runner
         info = {"device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."),
@@ -133,11 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
             info["card"] = torch.cuda.get_device_name(runner.device)
     except Exception:
         pass
-    res = {"workload": args.workload, "model": args.model, "cache": args.cache,
+    res = {"workload": args.workload, "model": args.model, "cache": args.cache, "tp": args.tp,
            "overlap": not args.disable_overlap, "startup_s": startup, **info, **res}
     print(f"{args.workload}: {res['output_tokens']} output tokens in {res['seconds']:.2f} s = "
           f"{res['tok_per_s']:,.0f} tok/s" + (f"; decode {res['decode_tok_per_s']:.1f} tok/s, TTFT "
-                                             f"{res['ttft_ms']:.1f} ms" if args.workload == "w2" else ""))
+                                             f"{res['ttft_ms']:.1f} ms" if args.workload == "w2" else "")
+          + (f"; decode {res['decode_tok_per_s']:,.0f} tok/s at batch {res['batch']}, tp={args.tp}"
+             if args.workload == "w6" else ""))
     if args.json == "-":
         print(json.dumps(res))
     elif args.json:

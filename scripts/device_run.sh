@@ -2,7 +2,8 @@
 # The whole GPU run, on the device, from the project root: install the carried wheels, compile
 # flashinfer's kernels, run the GPU tests, then the benchmarks; logs and a JSON line per figure
 # go to $OUT (default ./device-out). Stages to run are the arguments (default: all of them):
-#   jit tests w1-fi w1-fa w2-fi w2-fa
+#   jit tests w1-fi w1-fa w2-fi w2-fa tp
+# (tp needs two GPUs: tp=2 logits against tp=1, W6 at tp=1 and tp=2, and a tp=2 server under load)
 # A stage starts only while the run is younger than $BUDGET_S seconds (default 540), so that one
 # call ends inside the device's 10-minute limit with its logs intact.
 set -uo pipefail
@@ -12,7 +13,7 @@ T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
 . scripts/device_env.sh
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 stages=${*:-jit tests w1-fi w1-fa w2-fi w2-fa}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run.log"
 log "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; stages: $stages"
@@ -41,6 +42,17 @@ for s in $stages; do
       bench "$s overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2
       bench "$s no-overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2 \
         --disable-overlap ;;
+    tp) log "tp=2 logits vs tp=1 (Qwen3-8B shape)"
+      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rs tests/test_gpu.py -k tp2 \
+        -p no:cacheprovider 2>&1 | tee "$OUT/tp-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
+        | tee -a "$OUT/run.log"
+      bench "w6 tp=1" --workload w6 --model benchmarks/configs/qwen3-8b
+      bench "w6 tp=2" --workload w6 --model benchmarks/configs/qwen3-8b --tp 2
+      left && { log "tp=2 server under load (64 W1-like requests over 8 connections)"
+        timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 benchmarks/load.py --workload random \
+          --num-prompts 64 --request-rate inf --connections 8 --json "$OUT/tp-load.jsonl" --spawn \
+          "--model benchmarks/configs/qwen3-8b --load-format dummy --tokenizer .tok --tp 2" \
+          > "$OUT/tp-load.log" 2>&1; log "  rc=$? $(grep -m1 -i 'tok/s' "$OUT/tp-load.log")"; } ;;
     *) log "unknown stage $s" ;;
   esac
 done

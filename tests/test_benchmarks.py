@@ -110,3 +110,14 @@ def test_peer_and_compare(tmp_path: Path) -> None:
     (cmp,) = run("benchmarks/compare.py", str(figs), "--json")
     (row,) = cmp["comparison"]
     assert row["workload"] == "w1" and row["peer"].startswith("hf generate") and finite(row["ratio"])
+
+
+def test_offline_w2_and_w6_tp2() -> None:
+    (w2,) = run("benchmarks/offline.py", "--workload", "w2", "--model", str(TINY), "--load-format", "dummy",
+                "--w2-prompt-len", "8", "--w2-output-len", "6", "--w2-ttft-len", "32", "--repeats", "1",
+                "--kv-cache-tokens", "2048", "--json")
+    assert w2["output_tokens"] == 6 and finite(w2["decode_tok_per_s"]) and finite(w2["ttft_ms"])
+    (w6,) = run("benchmarks/offline.py", "--workload", "w6", "--tp", "2", "--model", str(TINY), "--load-format",
+                "dummy", "--w6-batch", "4", "--w2-prompt-len", "8", "--w2-output-len", "6", "--no-progress",
+                "--kv-cache-tokens", "2048", "--json")
+    assert w6["tp"] == 2 and w6["batch"] == 4 and w6["output_tokens"] == 24 and finite(w6["decode_tok_per_s"])

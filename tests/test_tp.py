@@ -115,6 +115,17 @@ def test_tp2_matches_tp1(tiny: dict[int, Path], tiny_ref: dict[int, list[list[in
         assert outs[0].token_ids == llm.generate(PROMPTS[:1], sampled[:1])[0].token_ids
 
 
+def test_tp2_dummy_weights_match_tp1(tiny: dict[int, Path], no_leftovers: None) -> None:
+    """Dummy weights are drawn whole and sharded, so tp=2 serves tp=1's random model (W6 and the
+    GPU logits check rely on it)."""
+    with LLM(str(tiny[2]), load_format="dummy", **CPU) as llm:
+        ref = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    with LLM(str(tiny[2]), load_format="dummy", tp=2, **CPU) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    with LLM(str(tiny[2]), load_format="dummy", seed=1, **CPU) as llm:  # the seed does change them
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] != ref
+
+
 def test_tp3_embedded_offline(embedded: LLM, no_leftovers: None) -> None:
     prompts = ["The capital of France is", "1, 2, 3,"]
     ref = [o.token_ids for o in embedded.generate(prompts, GREEDY)]

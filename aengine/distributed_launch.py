@@ -138,6 +138,19 @@ class Rank:
         """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""
         while (inp := self.recv()) is not None:
             self.runner.step(inp)
+        end_groups()
+
+
+def end_groups(sync: bool = True) -> None:
+    """Leave the process groups. NCCL's orderly destroy finalizes with the peers (so it waits for
+    ranks that are already gone, forever once CUDA graphs hold its collectives); aborting is local,
+    and every rank is done with the group by now. gloo's destroy never waits. No sync after a
+    fault: kernels waiting on a dead peer would never finish."""
+    if dist.get_backend() == "nccl":
+        if sync:
+            torch.cuda.synchronize()
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 
@@ -263,13 +276,10 @@ class TPExecutor(Executor):
             for p in self.procs:
                 p.kill()
         _stop(self.procs)
-        if not faulted or dist.get_backend() == "gloo":
-            dist.destroy_process_group()
-        else:  # NCCL kernels waiting on the dead rank would hold the stream (and process exit) forever
-            try:
-                dist.distributed_c10d._abort_process_group()
-            except Exception as e:
-                log.warning("aborting the NCCL group failed: %s", e)
+        try:
+            end_groups(sync=not faulted)
+        except Exception as e:
+            log.warning("leaving the process groups failed: %s", e)
         set_tp(0, 1, None)  # this process may build a single-rank engine next
 
 

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class Rank:
     """This process's place in the TP world: process groups, and a model runner sharded for it."""
 
     def __init__(self, cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
-                 init_method: str) -> None:
+                 init_method: str, procs: list[Any] | tuple = ()) -> None:
         device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
         if device.type == "cuda":  # one GPU per rank of this node: cuda:{local_rank}
             device = torch.device("cuda", local_rank)
@@ -97,7 +98,8 @@ class Rank:
             cfg = cfg.replace(device=str(device))
         _use_loopback(init_method)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=cfg.tp,
+        store = _rendezvous(init_method, rank, cfg.tp, procs)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.tp,
                                 timeout=TP_TIMEOUT, device_id=device if device.type == "cuda" else None)
         # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
         self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
@@ -138,20 +140,52 @@ class Rank:
         """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""
         while (inp := self.recv()) is not None:
             self.runner.step(inp)
-        end_groups()
-
-
-def end_groups(sync: bool = True) -> None:
-    """Leave the process groups. NCCL's orderly destroy finalizes with the peers (so it waits for
-    ranks that are already gone, forever once CUDA graphs hold its collectives); aborting is local,
-    and every rank is done with the group by now. gloo's destroy never waits. No sync after a
-    fault: kernels waiting on a dead peer would never finish."""
-    if dist.get_backend() == "nccl":
-        if sync:
+        if dist.get_backend() == "nccl":  # and exit: process exit releases NCCL without waiting on peers
             torch.cuda.synchronize()
-        dist.distributed_c10d._abort_process_group()
-    else:
+            if self.runner.graphs is not None:
+                self.runner.graphs.release()
+        else:
+            end_groups(self.runner)
+
+
+def end_groups(runner: ModelRunner, sync: bool = True, wait_s: float = 10.0) -> None:
+    """Leave the process groups. gloo's destroy never waits. For NCCL the CUDA graphs go first (an
+    abort with graphs alive never returned, on H100s); the abort then runs in a daemon thread that
+    is left behind if NCCL blocks anyway. No sync after a fault: kernels waiting on a dead peer
+    would never finish."""
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    if sync:
+        torch.cuda.synchronize()
+        if runner.graphs is not None:
+            runner.graphs.release()
+    t = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True, name="aengine-nccl-end")
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        log.warning("NCCL did not tear down its communicators in %.0f s; leaving them to process exit", wait_s)
+
+
+def _rendezvous(init_method: str, rank: int, world: int, procs: list[Any] | tuple) -> dist.TCPStore:
+    """The store every rank joins. Rank 0 waits for all of them while watching the ranks it spawned,
+    so one that dies before joining (an import error, a script without a __main__ guard) is an
+    error at once instead of a wait for the whole timeout."""
+    host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+    store = dist.TCPStore(host.strip("[]"), int(port), world, is_master=rank == 0, timeout=TP_TIMEOUT,
+                          wait_for_workers=False)
+    store.set(f"aengine/joined/{rank}", "1")
+    if rank == 0:
+        keys = [f"aengine/joined/{r}" for r in range(world)]
+        deadline = time.monotonic() + TP_TIMEOUT.total_seconds()
+        while not store.check(keys):
+            if dead := [p for p in procs if not p.is_alive()]:
+                raise RankDied(f"tensor-parallel rank process {dead[0].name} exited with code {dead[0].exitcode} "
+                               "before joining (its error is in the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel ranks did not all join within {TP_TIMEOUT}")
+            time.sleep(0.1)
+    return store
 
 
 def _watch_parent() -> None:
@@ -179,6 +213,7 @@ def _rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_r
     except Exception as e:  # a peer died or rank 0 went away: exit, never linger
         log.error("TP rank %d: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
         os._exit(1)
+    os._exit(0)  # no interpreter teardown: NCCL's destructors could wait on peers
 
 
 def _spawn(cfg: EngineConfig, hf_config: Any, path: Path, local: int, init_method: str) -> list[Any]:
@@ -277,7 +312,7 @@ class TPExecutor(Executor):
                 p.kill()
         _stop(self.procs)
         try:
-            end_groups(sync=not faulted)
+            end_groups(self.runner, sync=not faulted)
         except Exception as e:
             log.warning("leaving the process groups failed: %s", e)
         set_tp(0, 1, None)  # this process may build a single-rank engine next
@@ -293,7 +328,7 @@ def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[ModelRunner
     _use_loopback(init_method)  # before spawning: children inherit the environment
     procs = _spawn(cfg, hf_config, path, local, init_method)
     try:
-        rank = Rank(cfg, hf_config, path, 0, 0, init_method)
+        rank = Rank(cfg, hf_config, path, 0, 0, init_method, procs)
     except BaseException:
         for p in procs:
             p.kill()

@@ -126,6 +126,18 @@ def test_tp2_dummy_weights_match_tp1(tiny: dict[int, Path], no_leftovers: None) 
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] != ref
 
 
+def test_rank_that_cannot_start_is_an_error(tiny: dict[int, Path], tmp_path: Path) -> None:
+    """A script without a __main__ guard: the spawned rank fails while importing it, and rank 0
+    must say so at once rather than wait out the rendezvous timeout."""
+    script = tmp_path / "noguard.py"
+    script.write_text(f"from aengine import LLM\nLLM({str(tiny[2])!r}, tp=2, device='cpu', dtype='float32', "
+                      "kv_cache_tokens=1024)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    assert "RankDied: tensor-parallel rank process aengine-tp1 exited with code 1 before joining" in r.stderr
+
+
 def test_tp3_embedded_offline(embedded: LLM, no_leftovers: None) -> None:
     prompts = ["The capital of France is", "1, 2, 3,"]
     ref = [o.token_ids for o in embedded.generate(prompts, GREEDY)]

@@ -77,6 +77,15 @@ class CudaGraphs:
         self.sizes = sizes
         log.info("captured %d CUDA graphs for decode batches up to %d", len(sizes), sizes[-1])
 
+    def release(self) -> None:
+        """Free the graphs. Graphs that captured NCCL collectives keep its communicator busy, and
+        tearing NCCL down while they live blocks forever (pytorch/pytorch#115388)."""
+        for g in self.graphs.values():
+            g.reset()
+        self.graphs.clear()
+        self.out.clear()
+        self.sizes = []
+
     def can_run(self, fb: ForwardBatch) -> bool:
         return bool(self.sizes) and fb.decode and fb.batch_size <= self.sizes[-1]
 

@@ -1,0 +1,59 @@
+"""tp=2 against tp=1 in bf16 on the CPU (gloo, torch attention), dummy weights of a config: the
+relative error of each step's logits for one 130-token prompt. On the Qwen3-8B shape it tells
+whether the GPU check's error is the GPU's or bf16's (needs ~20 GB of RAM, a few minutes):
+
+  python scripts/tp_logits_cpu.py benchmarks/configs/qwen3-8b --tokenizer .tok"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def logits(model: str, tokenizer: str | None, tp: int) -> list[torch.Tensor]:
+    import aengine.engine.runner as runner_mod
+    from aengine import LLM, SamplingParams
+
+    rec: list[torch.Tensor] = []
+    orig = runner_mod.sample
+
+    def spy(lg: torch.Tensor, st: object) -> torch.Tensor:
+        if len(lg):
+            rec.append(lg.float().cpu())
+        return orig(lg, st)
+
+    runner_mod.sample = spy
+    rng = random.Random(0)
+    prompt = [rng.randrange(2, 512) for _ in range(130)]
+    t = time.perf_counter()
+    try:
+        with LLM(model, load_format="dummy", dtype="bfloat16", device="cpu", tp=tp, kv_cache_tokens=512,
+                 tokenizer=tokenizer) as llm:
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    finally:
+        runner_mod.sample = orig
+    print(f"tp={tp}: {time.perf_counter() - t:.0f} s", flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--tokenizer", default=None)
+    args = ap.parse_args()
+    one, two = logits(args.model, args.tokenizer, 1), logits(args.model, args.tokenizer, 2)
+    for step, (a, b) in enumerate(zip(one, two)):
+        err = ((b.double() - a.double()).norm() / a.double().norm()).item()
+        print(f"step {step}: relative error {err:.4f}; argmax tp=1 {a.argmax(-1).tolist()} "
+              f"tp=2 {b.argmax(-1).tolist()}")
+
+
+if __name__ == "__main__":  # the ranks are spawned: they import this file
+    main()

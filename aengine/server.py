@@ -23,6 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from aengine.config import EngineConfig, ServerConfig
@@ -67,10 +68,14 @@ class Session:
         self.server, self.engine, self.ws, self.no = server, server.engine, ws, no
         self.live: dict[str, Stream] = {}
         self.tasks: set[asyncio.Task] = set()
-        # Frames are queued by the scheduler's emit callbacks and written by one task: a step that
-        # produces deltas for many streams of this connection goes out in one write.
+        # Frames are queued by the scheduler's emit callbacks and written once per loop turn, so a
+        # step that produces deltas for many streams of this connection goes out in one write. The
+        # write is a plain callback (no task switch per frame); only when the socket pushes back
+        # does the writer task take over, to await websockets' drain.
         self.outbox: list[bytes] = []
         self.queued = 0  # bytes in outbox
+        self.flush_pending = False
+        self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop())
@@ -82,7 +87,9 @@ class Session:
         frame = encode(msg)
         self.outbox.append(frame)
         self.queued += len(frame)
-        self.wake.set()
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
         try:
             buffered = self.ws.transport.get_write_buffer_size()
         except Exception:  # a transport closing under us: this runs in the scheduler's emit, never raise
@@ -108,6 +115,22 @@ class Session:
     def error(self, id: str | None, code: str, message: str) -> None:
         self.send(Error(id, code, message))  # type: ignore[arg-type]
 
+    def _flush(self) -> None:
+        self.flush_pending = False
+        ws = self.ws
+        if not self.outbox or self.closed:
+            return
+        if ws.paused or self.wake.is_set() or ws.protocol.state is not State.OPEN:
+            self.wake.set()  # the writer awaits the drain (or sees the close), keeping the order
+            return
+        frames, self.outbox, self.queued = self.outbox, [], 0
+        try:
+            for f in frames:
+                ws.protocol.send_text(f)
+            ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        except Exception as e:  # the connection broke between the check and the write: it is closing
+            log.debug("connection %d: write failed: %s", self.no, e)
+
     async def _write_loop(self) -> None:
         ws = self.ws
         try:
@@ -127,7 +150,8 @@ class Session:
 
     async def flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while (self.outbox or self.wake.is_set()) and not self.writer.done() and time.monotonic() < deadline:
+        while (self.outbox or self.wake.is_set() or self.flush_pending) and not self.writer.done() \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     # ---- receiving -------------------------------------------------------------------------

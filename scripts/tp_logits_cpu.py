@@ -1,8 +1,9 @@
-"""tp=2 against tp=1 in bf16 on the CPU (gloo, torch attention), dummy weights of a config: the
+"""tp=N (2 by default) against tp=1 in bf16 on the CPU (gloo, torch attention), dummy weights of a config: the
 relative error of each step's logits for one 130-token prompt. On the Qwen3-8B shape it tells
 whether the GPU check's error is the GPU's or bf16's (needs ~20 GB of RAM, a few minutes):
 
-  python scripts/tp_logits_cpu.py benchmarks/configs/qwen3-8b --tokenizer .tok"""
+  python scripts/tp_logits_cpu.py benchmarks/configs/qwen3-8b --tokenizer .tok
+  python scripts/tp_logits_cpu.py embedded --tp 3     # the embedded SmolLM2 (real weights)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def logits(model: str, tokenizer: str | None, tp: int) -> list[torch.Tensor]:
+def logits(model: str | None, tokenizer: str | None, tp: int, dtype: str) -> list[torch.Tensor]:
     import aengine.engine.runner as runner_mod
     from aengine import LLM, SamplingParams
 
@@ -34,8 +35,8 @@ def logits(model: str, tokenizer: str | None, tp: int) -> list[torch.Tensor]:
     prompt = [rng.randrange(2, 512) for _ in range(130)]
     t = time.perf_counter()
     try:
-        with LLM(model, load_format="dummy", dtype="bfloat16", device="cpu", tp=tp, kv_cache_tokens=512,
-                 tokenizer=tokenizer) as llm:
+        with LLM(model, load_format="dummy" if model else "auto", dtype=dtype, device="cpu", tp=tp,
+                 kv_cache_tokens=512, tokenizer=tokenizer) as llm:
             llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     finally:
         runner_mod.sample = orig
@@ -45,14 +46,17 @@ def logits(model: str, tokenizer: str | None, tp: int) -> list[torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
+    ap.add_argument("model", help='a config dir (dummy weights), or "embedded"')
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
-    one, two = logits(args.model, args.tokenizer, 1), logits(args.model, args.tokenizer, 2)
+    model = None if args.model == "embedded" else args.model
+    one, two = logits(model, args.tokenizer, 1, args.dtype), logits(model, args.tokenizer, args.tp, args.dtype)
     for step, (a, b) in enumerate(zip(one, two)):
         err = ((b.double() - a.double()).norm() / a.double().norm()).item()
         print(f"step {step}: relative error {err:.4f}; argmax tp=1 {a.argmax(-1).tolist()} "
-              f"tp=2 {b.argmax(-1).tolist()}")
+              f"tp={args.tp} {b.argmax(-1).tolist()}")
 
 
 if __name__ == "__main__":  # the ranks are spawned: they import this file

@@ -20,6 +20,10 @@ log "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tee -a "$OUT/run.log"
 python3 -c "import flash_attn.cute; print('flash_attn.cute ok')" 2>&1 | tail -1 | tee -a "$OUT/run.log"
 left() { (( $(date +%s) - T0 < BUDGET_S )); }
+# A test that hangs inside NCCL or CUDA must fail with its stack, not eat the call: pytest-timeout's
+# thread method works there (its signal method waits for the main thread, which is stuck in C).
+PT_TIMEOUT=""
+python3 -c "import pytest_timeout" 2>/dev/null && PT_TIMEOUT="--timeout 300 --timeout-method thread"
 bench() {  # bench LOGNAME ARGS...: one offline.py run, appended to figures.jsonl
   local name=$1; shift
   left || { log "skip $name (budget)"; return; }
@@ -33,7 +37,7 @@ for s in $stages; do
     jit) log "flashinfer JIT"; python3 scripts/fi_warmup.py 2>&1 | tee -a "$OUT/run.log" ;;
     tests) log "gpu tests"
       timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rs tests/test_gpu.py \
-        -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
+        -p no:cacheprovider $PT_TIMEOUT 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
         | tee -a "$OUT/run.log" ;;
     w1-fi|w1-fa) a=${s#w1-}
       bench "$s overlap" --workload w1 --model benchmarks/configs/qwen3-0.6b --attn "$a"
@@ -47,7 +51,7 @@ for s in $stages; do
         > "$OUT/fa-debug.log" 2>&1; log "  rc=$? $(grep '^page' "$OUT/fa-debug.log" | tr '\n' ';')" ;;
     tp) log "tp=2 logits vs tp=1 (Qwen3-8B shape)"
       timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rs tests/test_gpu.py -k tp2 \
-        -p no:cacheprovider 2>&1 | tee "$OUT/tp-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
+        -p no:cacheprovider $PT_TIMEOUT 2>&1 | tee "$OUT/tp-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
         | tee -a "$OUT/run.log"
       bench "w6 tp=1" --workload w6 --model benchmarks/configs/qwen3-8b
       bench "w6 tp=2" --workload w6 --model benchmarks/configs/qwen3-8b --tp 2

@@ -33,11 +33,17 @@ class RadixCache:
         return self.evictable_pages + self.locked_pages
 
     def _common(self, key: list[int], tokens: list[int], start: int) -> int:
-        """Length of the page-aligned common prefix of key and tokens[start:]."""
-        n, ps = 0, self.ps
-        while n < len(key) and key[n : n + ps] == tokens[start + n : start + n + ps]:
-            n += ps
-        return n
+        """Length of the page-aligned common prefix of key and tokens[start:]. Slices are compared
+        a chunk at a time (in C): a per-token loop cost ~0.5 ms per 2k-token prompt at page 1."""
+        n, i = min(len(key), len(tokens) - start), 0
+        while i < n:
+            j = min(i + 256, n)
+            if key[i:j] != tokens[start + i : start + j]:
+                while key[i] == tokens[start + i]:
+                    i += 1
+                break
+            i = j
+        return i - i % self.ps
 
     def _split(self, node: Node, n: int) -> Node:
         """Cut node after n tokens; the new upper node keeps node's place and lock count."""
@@ -52,11 +58,12 @@ class RadixCache:
         """Follow tokens down the tree; (deepest node fully matched, its path's pages, tokens matched)."""
         node, pages, i, now = self.root, [], 0, time.monotonic()
         limit = len(tokens) - len(tokens) % self.ps
+        tokens = tokens[:limit]
         while i < limit:
             child = node.children.get(tuple(tokens[i : i + self.ps]))
             if child is None:
                 break
-            n = self._common(child.key, tokens[:limit], i)
+            n = self._common(child.key, tokens, i)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now

@@ -115,8 +115,8 @@ class AsyncEngine:
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise InvalidRequest("input_ids must be a list of integers")
             vocab = self.hf_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
+            if ids and (min(ids) < 0 or max(ids) >= vocab):  # min/max run in C; the list only on error
+                bad = [t for t in ids if not 0 <= t < vocab]
                 raise InvalidRequest(f"input_ids out of range [0, {vocab}): {bad[:5]}")
         if not ids:
             raise InvalidRequest("the prompt is empty")

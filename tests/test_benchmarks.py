@@ -42,8 +42,9 @@ def test_w1_recipe_matches_offline() -> None:
 
 def test_overhead() -> None:
     (res,) = run("benchmarks/overhead.py", "--batch-sizes", "1,4", "--steps", "12", "--warmup", "2",
-                 "--frames", "200", "--frame-streams", "1,4", "--json")
+                 "--frames", "200", "--frame-streams", "1,4", "--intake-groups", "2", "--json")
     assert res["workload"] == "w5"
+    assert res["w3_intake"]["requests"] == 16 and finite(res["w3_intake"]["cpu_ms"])
     assert [r["batch"] for r in res["steps_table"]] == [1, 4]
     for r in res["steps_table"]:
         assert r["steps"] > 0 and finite(r["cpu_ms_per_step"]) and finite(r["cpu_us_per_token"])

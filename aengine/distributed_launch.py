@@ -140,19 +140,15 @@ class Rank:
         """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""
         while (inp := self.recv()) is not None:
             self.runner.step(inp)
-        if dist.get_backend() == "nccl":  # and exit: process exit releases NCCL without waiting on peers
-            torch.cuda.synchronize()
-            if self.runner.graphs is not None:
-                self.runner.graphs.release()
-        else:
-            end_groups(self.runner)
+        end_groups(self.runner, abort=False)  # the process exits next (_rank_main)
 
 
-def end_groups(runner: ModelRunner, sync: bool = True, wait_s: float = 10.0) -> None:
+def end_groups(runner: ModelRunner, sync: bool = True, abort: bool = True, wait_s: float = 10.0) -> None:
     """Leave the process groups. gloo's destroy never waits. For NCCL the CUDA graphs go first (an
     abort with graphs alive never returned, on H100s); the abort then runs in a daemon thread that
-    is left behind if NCCL blocks anyway. No sync after a fault: kernels waiting on a dead peer
-    would never finish."""
+    is left behind if NCCL blocks anyway. A rank about to exit skips the abort (abort=False):
+    process exit releases NCCL without waiting on peers. No sync after a fault: kernels waiting on
+    a dead peer would never finish."""
     if dist.get_backend() != "nccl":
         dist.destroy_process_group()
         return
@@ -160,6 +156,8 @@ def end_groups(runner: ModelRunner, sync: bool = True, wait_s: float = 10.0) -> 
         torch.cuda.synchronize()
         if runner.graphs is not None:
             runner.graphs.release()
+    if not abort:
+        return
     t = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True, name="aengine-nccl-end")
     t.start()
     t.join(wait_s)

@@ -123,28 +123,26 @@ class Session:
         if ws.paused or self.wake.is_set() or ws.protocol.state is not State.OPEN:
             self.wake.set()  # the writer awaits the drain (or sees the close), keeping the order
             return
-        frames, self.outbox, self.queued = self.outbox, [], 0
         try:
-            for f in frames:
-                ws.protocol.send_text(f)
-            ws.transport.write(b"".join(ws.protocol.data_to_send()))
+            self._put()
         except Exception as e:  # the connection broke between the check and the write: it is closing
             log.debug("connection %d: write failed: %s", self.no, e)
 
+    def _put(self) -> None:
+        """Everything queued, in one socket write."""
+        frames, self.outbox, self.queued = self.outbox, [], 0
+        for f in frames:
+            self.ws.protocol.send_text(f)
+        self.ws.transport.write(b"".join(self.ws.protocol.data_to_send()))
+
     async def _write_loop(self) -> None:
-        ws = self.ws
         try:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
-                frames, self.outbox, self.queued = self.outbox, [], 0
-                if len(frames) == 1:
-                    await ws.send(frames[0], text=True)
-                elif frames:
-                    async with ws.send_context():
-                        for f in frames:
-                            ws.protocol.send_text(f)
-                        ws.transport.write(b"".join(ws.protocol.data_to_send()))
+                if self.outbox:
+                    async with self.ws.send_context():  # checks the state; drains after the write
+                        self._put()
         except ConnectionClosed:
             pass
 

@@ -103,8 +103,20 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return r.status, r.read().decode()
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text to {name or name{labels}: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 @dataclass
 class Spawned:
+    """A server process started by spawn_server (the tests use it too)."""
+
     proc: subprocess.Popen
     port: int
     log_path: Path
@@ -113,17 +125,29 @@ class Spawned:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
+        return self.log()[-n:]
 
     def metrics(self) -> dict[str, float]:
-        """/metrics as {name or name{labels}: value}."""
-        out = {}
-        for line in http_get(f"http://127.0.0.1:{self.port}/metrics")[1].splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return parse_metrics(http_get(self.http + "/metrics")[1])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then the exit status (killed with SIGKILL if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
 
 @contextmanager
@@ -152,7 +176,7 @@ def spawn_server(args: Sequence[str], startup_timeout: float = 600.0, log_path: 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not answer /health in {startup_timeout} s:\n{srv.log_tail()}")
             try:
-                if http_get(f"http://127.0.0.1:{port}/health", timeout=1.0)[0] == 200:
+                if http_get(srv.http + "/health", timeout=1.0)[0] == 200:
                     break
             except OSError:
                 pass
@@ -161,12 +185,6 @@ def spawn_server(args: Sequence[str], startup_timeout: float = 600.0, log_path: 
             print(f"server up on {srv.url} (pid {proc.pid})", file=sys.stderr)
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        srv.stop()
         if not log_path:
             path.unlink(missing_ok=True)

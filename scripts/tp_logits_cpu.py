@@ -3,7 +3,7 @@ relative error of each step's logits for one 130-token prompt. On the Qwen3-8B s
 whether the GPU check's error is the GPU's or bf16's (needs ~20 GB of RAM, a few minutes):
 
   python scripts/tp_logits_cpu.py benchmarks/configs/qwen3-8b --tokenizer .tok
-  python scripts/tp_logits_cpu.py embedded --tp 3     # the embedded SmolLM2 (real weights)"""
+  python scripts/tp_logits_cpu.py embedded --tp 3 --fp32-ref   # the embedded SmolLM2 (real weights)"""
 
 from __future__ import annotations
 
@@ -50,13 +50,20 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--fp32-ref", action="store_true", help="also both runs against tp=1 in float32")
     args = ap.parse_args()
     model = None if args.model == "embedded" else args.model
     one, two = logits(model, args.tokenizer, 1, args.dtype), logits(model, args.tokenizer, args.tp, args.dtype)
+    exact = logits(model, args.tokenizer, 1, "float32") if args.fp32_ref else []
     for step, (a, b) in enumerate(zip(one, two)):
-        err = ((b.double() - a.double()).norm() / a.double().norm()).item()
-        print(f"step {step}: relative error {err:.4f}; argmax tp=1 {a.argmax(-1).tolist()} "
+        print(f"step {step}: relative error {rel(b, a):.4f}; argmax tp=1 {a.argmax(-1).tolist()} "
               f"tp={args.tp} {b.argmax(-1).tolist()}")
+        if exact:
+            print(f"  against fp32 tp=1: tp=1 {rel(a, exact[step]):.4f}, tp={args.tp} {rel(b, exact[step]):.4f}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 if __name__ == "__main__":  # the ranks are spawned: they import this file

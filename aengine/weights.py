@@ -115,7 +115,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Random full-size tensors under the checkpoint's own names (read off transformers' model on
     the meta device), each seeded by its name: every rank draws the same model and keeps its shard,
-    so tp=N serves exactly the weights of tp=1. Small uniform values keep bf16 activations finite."""
+    so tp=N serves exactly the weights of tp=1. Uniform in [-1e-3, 1e-3], as vLLM's and SGLang's dummy
+    weights are: activations stay small and finite in bf16 at any depth."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -125,7 +126,7 @@ def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple
             yield name, torch.ones(p.shape, device=device)
             continue
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        yield name, torch.empty(p.shape, device=device).uniform_(-0.02, 0.02, generator=g)
+        yield name, torch.empty(p.shape, device=device).uniform_(-1e-3, 1e-3, generator=g)
 
 
 def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:

@@ -36,7 +36,7 @@ for s in $stages; do
   case $s in
     jit) log "flashinfer JIT"; python3 scripts/fi_warmup.py 2>&1 | tee -a "$OUT/run.log" ;;
     tests) log "gpu tests"
-      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rs tests/test_gpu.py \
+      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rsP tests/test_gpu.py \
         -p no:cacheprovider $PT_TIMEOUT 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
         | tee -a "$OUT/run.log" ;;
     w1-fi|w1-fa) a=${s#w1-}
@@ -50,7 +50,7 @@ for s in $stages; do
       timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 scripts/fa_debug.py --pages 128,64,16 --out "$OUT" \
         > "$OUT/fa-debug.log" 2>&1; log "  rc=$? $(grep '^page' "$OUT/fa-debug.log" | tr '\n' ';')" ;;
     tp) log "tp=2 logits vs tp=1 (Qwen3-8B shape)"
-      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rs tests/test_gpu.py -k tp2 \
+      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rsP tests/test_gpu.py -k tp2 \
         -p no:cacheprovider $PT_TIMEOUT 2>&1 | tee "$OUT/tp-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \
         | tee -a "$OUT/run.log"
       bench "w6 tp=1" --workload w6 --model benchmarks/configs/qwen3-8b

@@ -190,18 +190,35 @@ def engine_logits(path: str, monkeypatch: pytest.MonkeyPatch, **kw: object) -> t
     return rec, [o.token_ids for o in outs]
 
 
+def agreeing_steps(ref: list[torch.Tensor], got: list[torch.Tensor]) -> int:
+    """Steps until the first whose greedy tokens differ. In bf16 two correct kernels can flip a near
+    tie (a 0.006 gap between logits of 5.3 did, for the 157-token prompt); from then on the runs feed
+    different tokens and their logits are no longer comparable. The flip itself must be a near tie:
+    the token taken must be within 2% of the largest logit of the other run, or it is a real error."""
+    for step, (a, b) in enumerate(zip(ref, got)):
+        ra, rb = a.argmax(-1), b.argmax(-1)
+        if not torch.equal(ra, rb):
+            rows = (ra != rb).nonzero().flatten().tolist()
+            gaps = [(a[r].max() - a[r, rb[r]]).item() / a[r].abs().max().item() for r in rows]
+            assert max(gaps) <= 2e-2, f"step {step}: rows {rows} took tokens {gaps} (relative) below the top"
+            return step
+    return len(ref)
+
+
 @pytest.mark.parametrize("graphs", [256, 0])
 @pytest.mark.parametrize("name", FAST)
 def test_engine_logits_match_torch_backend(name: str, graphs: int, qwen3_dir: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     ps = PAGES[name][-1]
-    ref, ref_ids = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps)
-    got, ids = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, cuda_graph_max_bs=graphs)
+    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps)
+    got, _ = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, cuda_graph_max_bs=graphs)
     assert len(ref) == len(got) and len(ref) > 10
-    errs = [rel(a, b) for a, b in zip(got, ref)]
+    n = agreeing_steps(ref, got)
+    errs = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
+    print(f"{name} page {ps} graphs {graphs}: {n} of {len(ref)} steps compared, errors {errs}")
+    assert n > len(ref) // 3, f"greedy tokens part after {n} steps"
     bad = [(step, round(e, 4), tuple(ref[step].shape)) for step, e in enumerate(errs) if e > 2e-2]
     assert not bad, f"steps over 2e-2 (step, error, logits shape): {bad}; all: {errs}"
-    assert ids == ref_ids
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -225,15 +242,12 @@ def test_tp2_logits_match_tp1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     one, _ = engine_logits(str(tmp_path), monkeypatch, **kw)
     two, _ = engine_logits(str(tmp_path), monkeypatch, tp=2, **kw)
     assert len(exact) == len(one) == len(two) and len(one) > 10
-    n = 0
-    for a, b, c in zip(exact, one, two):
-        n += 1
-        if not (torch.equal(a.argmax(-1), b.argmax(-1)) and torch.equal(a.argmax(-1), c.argmax(-1))):
-            break
+    n = min(agreeing_steps(exact, one), agreeing_steps(exact, two), agreeing_steps(one, two))
     e1 = [rel(b, a) for a, b in zip(exact[:n], one[:n])]
     e2 = [rel(c, a) for a, c in zip(exact[:n], two[:n])]
     e12 = [rel(c, b) for b, c in zip(one[:n], two[:n])]
     msg = f"{n} steps compared; vs fp32: tp=1 {e1}, tp=2 {e2}; tp=2 vs tp=1 {e12}"
+    print(msg)
     assert max(e2) <= 1.5 * max(e1) + 1e-3, "tp=2 is less accurate than tp=1: " + msg  # TP adds no error of its own
     assert max(e12) <= 2e-2, msg
 

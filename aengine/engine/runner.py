@@ -46,9 +46,6 @@ class ModelRunner:
         self.device, self.dtype = resolve_device_dtype(cfg)
         prefill_attn, decode_attn = attn_names(cfg, self.device)
         self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
-        if decode_attn == "fa":  # say so rather than serve wrong tokens quietly
-            log.warning("flash-attn decode is known to give wrong logits for one sequence in some batches "
-                        "(docs/gpu.md, 'Known problem'); --attn fa,fi decodes with flashinfer instead")
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             prev = torch.get_default_dtype()

@@ -191,17 +191,18 @@ def engine_logits(path: str, monkeypatch: pytest.MonkeyPatch, **kw: object) -> t
 
 
 def agreeing_steps(ref: list[torch.Tensor], got: list[torch.Tensor]) -> int:
-    """Steps until the first whose greedy tokens differ. In bf16 two correct kernels can flip a near
-    tie (a 0.006 gap between logits of 5.3 did, for the 157-token prompt); from then on the runs feed
-    different tokens and their logits are no longer comparable. The flip itself must be a near tie:
-    the token taken must be within 2% of the largest logit of the other run, or it is a real error."""
+    """Steps whose inputs agree: up to and including the first whose greedy tokens differ. In bf16
+    two correct kernels can flip a near tie (a 0.006 gap between logits of 5.3 did, for the
+    157-token prompt); from then on the runs feed different tokens and their logits no longer
+    compare. The flip itself must be a near tie: the token taken must be within 2% of the largest
+    logit of the other run, or it is a real error."""
     for step, (a, b) in enumerate(zip(ref, got)):
         ra, rb = a.argmax(-1), b.argmax(-1)
         if not torch.equal(ra, rb):
             rows = (ra != rb).nonzero().flatten().tolist()
             gaps = [(a[r].max() - a[r, rb[r]]).item() / a[r].abs().max().item() for r in rows]
             assert max(gaps) <= 2e-2, f"step {step}: rows {rows} took tokens {gaps} (relative) below the top"
-            return step
+            return step + 1
     return len(ref)
 
 

@@ -65,9 +65,10 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=5).stdout.strip() or "unknown"
+    try:  # $COMMIT wins: a copied tree (a GPU machine's) may carry a stale or no .git
+        info["commit"] = os.environ.get("COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         pass
     info["cpus"] = str(os.cpu_count())

@@ -21,7 +21,7 @@ TOK=${TOK:-.tok}  # a tokenizer dir for the dummy models (the embedded one is us
 [ -d "$TOK" ] && TOKARG="--tokenizer $TOK" || TOKARG=""
 stages=${*:-w1-peer w2-peer w3 w4 compare}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/bench-run.log"
-log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); stages: $stages"
+log "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; stages: $stages"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" \
   2>&1 | tee -a "$OUT/bench-run.log"
 left() { (( $(date +%s) - T0 < BUDGET_S )); }

@@ -32,6 +32,9 @@ HELP = {
     "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
     "max_model_len": "context length in tokens (0: the model's max_position_embeddings)",
     "disable_overlap": "run one batch at a time instead of launching batch N+1 before processing batch N",
+    "enable_mixed_chunk": "put every running request's next token into prefill steps instead of alternating "
+                          "prefill and decode steps (steadier inter-token latency while prompts arrive; such "
+                          "steps run without CUDA graphs)",
     "attn": "attention backend: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph (0: no CUDA graphs)",
     "tp": "tensor-parallel degree (GPUs per model replica)",

@@ -25,6 +25,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prompt tokens per step (chunked prefill budget)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     disable_overlap: bool = False
+    enable_mixed_chunk: bool = False  # decode rows ride along in prefill steps instead of alternating
     # kernels
     attn: str = "auto"  # torch | fi | fa, or "prefill,decode" such as "fa,fi"
     cuda_graph_max_bs: int = 256  # 0 disables CUDA graphs

@@ -33,12 +33,21 @@ def reference(embedded):
     # test_preemption_and_two_large_requests)
     dict(cache="radix", kv_cache_tokens=260, max_prefill_tokens=64),
     dict(cache="none", kv_cache_tokens=260, page_size=4),
+    # decode rows ride along in prefill steps, with and without overlap, and while memory is short
+    dict(cache="radix", max_prefill_tokens=16, enable_mixed_chunk=True),
+    dict(cache="none", max_prefill_tokens=32, page_size=4, enable_mixed_chunk=True, disable_overlap=True),
+    dict(cache="radix", kv_cache_tokens=260, max_prefill_tokens=64, enable_mixed_chunk=True),
 ])
 def test_same_greedy_outputs(kw, reference, llm_check):
     llm = LLM(dtype="float32", device="cpu", **kw)
     llm_check(llm)
     outs = llm.chat(convs(), GREEDY)
     assert [o.token_ids for o in outs] == reference
+    mixed = llm.engine.scheduler.stats.mixed_steps
+    if not kw.get("enable_mixed_chunk"):
+        assert mixed == 0
+    elif "kv_cache_tokens" not in kw:  # in the small pool a prompt rarely fits beside a decode
+        assert mixed > 0
     llm.close()
 
 
@@ -64,9 +73,10 @@ def test_shared_prefix_is_reused(embedded, llm_check):
     assert again.token_ids == second.token_ids
 
 
-def test_preemption_and_two_large_requests():
+@pytest.mark.parametrize("mixed", [False, True])
+def test_preemption_and_two_large_requests(mixed):
     # pool of 200 tokens; two prompts of ~90 tokens each generating 60: they cannot both finish resident
-    llm = LLM(dtype="float32", device="cpu", kv_cache_tokens=201, max_prefill_tokens=32)
+    llm = LLM(dtype="float32", device="cpu", kv_cache_tokens=201, max_prefill_tokens=32, enable_mixed_chunk=mixed)
     ids = llm.tokenizer.encode(SYSTEM)[:90]
     p = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     together = llm.generate([ids, ids[::-1]], p)

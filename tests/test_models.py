@@ -30,10 +30,13 @@ def hf_greedy(path, prompts, n):
 def test_matches_hf(kind, page_size, tmp_path, llm_check):
     path = build_tiny(kind, tmp_path / kind)
     want = hf_greedy(path, PROMPTS, 12)
-    llm = LLM(str(path), dtype="float32", device="cpu", page_size=page_size)
+    # page 4: 16-token prefill chunks with the decode rows riding along (mixed steps)
+    mixed = dict(max_prefill_tokens=16, enable_mixed_chunk=True) if page_size == 4 else {}
+    llm = LLM(str(path), dtype="float32", device="cpu", page_size=page_size, **mixed)
     llm_check(llm)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == want
+    assert (llm.engine.scheduler.stats.mixed_steps > 0) == bool(mixed)
     assert all(o.finish_reason == "length" for o in outs)
     assert [o.prompt_tokens for o in outs] == [len(p) for p in PROMPTS]
 

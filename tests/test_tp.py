@@ -104,9 +104,12 @@ def test_tp2_matches_tp1(tiny: dict[int, Path], tiny_ref: dict[int, list[list[in
     sampled = [SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
                SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, ignore_eos=True),
                SamplingParams(max_tokens=8, temperature=1.0, top_k=20, ignore_eos=True)]
-    with LLM(str(tiny[kv]), tp=2, **CPU) as llm:
+    # kv=1 also in mixed steps: the ranks must read the decode rows' tokens the same way
+    mixed = dict(max_prefill_tokens=128, enable_mixed_chunk=True) if kv == 1 else {}
+    with LLM(str(tiny[kv]), tp=2, **CPU, **mixed) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == tiny_ref[kv]
         assert [o.token_ids for o in llm.generate(LONG, GREEDY)] == tiny_ref[-kv]
+        assert (llm.engine.scheduler.stats.mixed_steps > 0) == bool(mixed)
         # sampling: every rank must feed the same next token, else later steps break down
         outs = llm.generate(PROMPTS, sampled)
         assert all(len(o.token_ids) == 8 for o in outs)

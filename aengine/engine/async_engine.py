@@ -76,7 +76,8 @@ class AsyncEngine:
         self.scheduler = Scheduler(
             self.executor, self.tokenizer.eos_ids, page_size=r.page_size, num_pages=r.num_pages,
             max_running=self.cfg.max_running_requests, max_prefill_tokens=self.cfg.max_prefill_tokens,
-            max_model_len=r.max_model_len, cache=self.cfg.cache, overlap=not self.cfg.disable_overlap)
+            max_model_len=r.max_model_len, cache=self.cfg.cache, overlap=not self.cfg.disable_overlap,
+            mixed=self.cfg.enable_mixed_chunk)
         self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
 
     async def shutdown(self) -> None:

@@ -4,7 +4,9 @@ preemption, and overlap (batch N+1 is launched before batch N's results are awai
 Steps alternate: a prefill step (chunks of waiting prompts, up to max_prefill_tokens) and a
 decode step (one token for every running request). Alternating rather than mixing keeps decode
 steps pure, so they replay as CUDA graphs and use the decode kernels, and still lets running
-requests advance between the chunks of a long prompt."""
+requests advance between the chunks of a long prompt. With `mixed` (--enable-mixed-chunk) the
+running requests' tokens ride along in each prefill step instead, within its token budget: no
+decode waits a whole prefill step, at the price of those steps running without CUDA graphs."""
 
 from __future__ import annotations
 
@@ -39,12 +41,13 @@ class Stats:
     generated_tokens: int = 0
     preemptions: int = 0
     finished: int = 0
+    mixed_steps: int = 0  # prefill steps that also decoded running requests
 
 
 class Scheduler:
     def __init__(self, executor: Executor, eos_ids: set[int], *, page_size: int, num_pages: int,
                  max_running: int, max_prefill_tokens: int, max_model_len: int, cache: str,
-                 overlap: bool) -> None:
+                 overlap: bool, mixed: bool = False) -> None:
         self.ex = executor
         self.eos_ids = eos_ids
         self.ps = page_size
@@ -54,6 +57,7 @@ class Scheduler:
         self.max_prefill = max_prefill_tokens
         self.max_model_len = max_model_len
         self.overlap = overlap
+        self.mixed = mixed
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted: prefilling or decoding, in admission order
         self.free_slots = list(range(max_running, 0, -1))
@@ -132,6 +136,12 @@ class Scheduler:
         decodable = [r for r in self.running if not r.prefilling and r.finish_reason is None
                      and len(r.output_ids) + r.pending < r.max_tokens]
         want_prefill = self.waiting or any(r.prefilling for r in self.running)
+        if want_prefill and decodable and self.mixed and len(decodable) < self.max_prefill:
+            ready = self._decode_pages(decodable)
+            batch = self._schedule_prefill(ready) if ready else None
+            if batch is not None:
+                self.last_was_prefill = False  # the running requests advanced too
+                return batch
         if want_prefill and (not self.last_was_prefill or not decodable):
             batch = self._schedule_prefill()
             if batch is not None:
@@ -169,9 +179,22 @@ class Scheduler:
         self.running.append(req)
         return True
 
-    def _schedule_prefill(self) -> tuple[StepInput, list[Req]] | None:
-        budget = self.max_prefill
-        chosen: list[tuple[Req, int]] = []
+    def _decode_pages(self, reqs: list[Req]) -> list[Req]:
+        """Give every request whose next token starts a page that page, if all of them fit (else
+        none: the decode path, which can preempt, takes over). Returns the requests ready to decode."""
+        full = [r for r in reqs if r.kv_len // self.ps >= len(r.pages)]
+        if len(full) > self.available_pages():
+            return []
+        for r, page in zip(full, self._alloc(len(full))):  # one allocator call for the whole step
+            r.pages.append(page)
+        return reqs
+
+    def _schedule_prefill(self, decoding: list[Req] | None = None) -> tuple[StepInput, list[Req]] | None:
+        """Chunks of prompts up to the token budget; `decoding` requests (mixed steps) come first,
+        one token each."""
+        decoding = decoding or []
+        budget = self.max_prefill - len(decoding)
+        chosen: list[tuple[Req, int]] = [(r, 1) for r in decoding]
         reserve = sum(1 for r in self.running if not r.prefilling)  # next decode step's pages
         for req in [r for r in self.running if r.prefilling and r.finish_reason is None]:
             if budget <= 0:
@@ -203,9 +226,9 @@ class Scheduler:
                 break
             chosen.append((req, n))
             budget -= n
-        if not chosen:
+        if len(chosen) == len(decoding):
             return None
-        return self._build(chosen, decode=False)
+        return self._build(chosen, decode=False, n_decoding=len(decoding))
 
     def _cached_len(self, req: Req) -> int:
         if self.tree is None:
@@ -232,10 +255,8 @@ class Scheduler:
             if not can_retract:
                 return None  # drain the in-flight batch first, then preempt
             reqs = self._retract(reqs, len(full))
-            full = [r for r in reqs if r.kv_len // self.ps >= len(r.pages)]
-        for r, page in zip(full, self._alloc(len(full))):  # one allocator call for the whole step
-            r.pages.append(page)
-        return self._build([(r, 1) for r in reqs], decode=True)
+        reqs = self._decode_pages(reqs)
+        return self._build([(r, 1) for r in reqs], decode=True) if reqs else None
 
     def _retract(self, reqs: list[Req], need: int) -> list[Req]:
         """Preempt the newest requests until the rest fit; their KV goes back (prefix kept in the tree)."""
@@ -257,11 +278,17 @@ class Scheduler:
         self.waiting.appendleft(victim)
         self.stats.preemptions += 1
 
-    def _build(self, chosen: list[tuple[Req, int]], decode: bool) -> tuple[StepInput, list[Req]]:
+    def _build(self, chosen: list[tuple[Req, int]], decode: bool,
+               n_decoding: int = 0) -> tuple[StepInput, list[Req]]:
+        """The step's StepInput; in a prefill step the first n_decoding rows decode (mixed step)."""
         inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [])
         reqs = []
+        self.stats.mixed_steps += n_decoding > 0
         for i, (req, n) in enumerate(chosen):
-            if not decode:
+            if i < n_decoding:  # its token is the last one sampled, not known here under overlap
+                inp.input_ids.append(0)
+                inp.tok_rows.append(i)
+            elif not decode:
                 inp.input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
                 self.stats.prefill_tokens += n
             req.kv_len += n

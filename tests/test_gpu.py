@@ -282,15 +282,19 @@ def test_fused_sampling_top_k_1_is_greedy() -> None:
     assert torch.equal(sample(logits, st).long(), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3-mixed"])
 def test_fp32_torch_backend_equals_hf(arch: str, llama_dir: str, qwen3_dir: str) -> None:
+    """qwen3-mixed: 32-token prefill chunks with the decode rows riding along (--enable-mixed-chunk),
+    overlap on, so those rows' input tokens are read on the device while the last step runs."""
     from transformers import AutoModelForCausalLM
 
     path = llama_dir if arch == "llama" else qwen3_dir
     ps = prompts()
-    llm = make_llm(path, dtype="fp32", attn="torch")
+    mixed = dict(enable_mixed_chunk=True, max_prefill_tokens=32) if arch.endswith("mixed") else {}
+    llm = make_llm(path, dtype="fp32", attn="torch", **mixed)
     try:
         ours = [o.token_ids for o in llm.generate(ps, greedy(20))]
+        assert (llm.engine.scheduler.stats.mixed_steps > 0) == bool(mixed)
     finally:
         close(llm)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()

@@ -368,6 +368,7 @@ class Server:
             server.close()
             await asyncio.wait_for(server.wait_closed(), timeout=5)
         self.tok_pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
         log.info("stopped")
         return 1 if self.failed else 0
 

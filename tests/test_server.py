@@ -64,7 +64,8 @@ def test_hello_health_metrics(server: ServerProcess) -> None:
     m = server.metrics()
     for name in ("aengine_requests_running", "aengine_requests_waiting", "aengine_kv_pages_used",
                  "aengine_kv_pages_free", "aengine_cache_hit_tokens_total", "aengine_generated_tokens_total",
-                 "aengine_time_to_first_token_seconds_count", "aengine_inter_token_latency_seconds_count"):
+                 "aengine_time_to_first_token_seconds_count", "aengine_inter_token_latency_seconds_count",
+                 "aengine_gc_full_collection_seconds_count"):
         assert name in m
 
 

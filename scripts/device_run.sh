@@ -46,7 +46,7 @@ for s in $stages; do
       bench "$s overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2
       bench "$s no-overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2 \
         --disable-overlap ;;
-    fa-debug) log "fa decode hunt (scripts/fa_debug.py)"
+    fa-debug) log "every FA call of an engine run against fp32 (scripts/fa_debug.py)"
       timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 scripts/fa_debug.py --pages 128,64,16 --out "$OUT" \
         > "$OUT/fa-debug.log" 2>&1; log "  rc=$? $(grep '^page' "$OUT/fa-debug.log" | tr '\n' ';')" ;;
     tp) log "tp=2 logits vs tp=1 (Qwen3-8B shape)"

@@ -1,4 +1,5 @@
-"""Hunt the `--attn fa` decode error (docs/gpu.md, "Known problem"): serve the GPU test's prompts
+"""Check flash-attn inside the engine (it settled the fa "wrong logits" question, docs/gpu.md, "Comparing
+bf16 runs: near ties": every call was right): serve the GPU test's prompts
 with FlashAttention at each page size given, check every FA call against a plain fp32 reference
 on the same pool and page table, and on the first few mismatches re-run FA with one argument
 changed at a time, so the output says which input the kernel gets wrong.

@@ -82,7 +82,7 @@ def test_backend_matches_torch(name: str, case: str) -> None:
         b = Bench(ps)
         if case == "decode":  # one new token over contexts of assorted lengths, one per page edge
             starts, ext = [0, 15, 16 * 7, 999], [1, 1, 1, 1]
-        elif case == "decode_two_pages":  # the lengths of the engine step where fa decode went wrong
+        elif case == "decode_two_pages":  # the engine step once blamed on fa (a near tie)
             starts, ext = [135, 162, 155], [1, 1, 1]
         else:  # new tokens after a cached prefix (0 = a fresh prompt), page-unaligned on purpose
             starts, ext = [0, 37, 300, 5], [23, 64, 200, 1]

@@ -90,6 +90,7 @@ class Metrics:
             ("aengine_prefill_tokens_total", "Prompt tokens computed.", st.prefill_tokens),
             ("aengine_generated_tokens_total", "Tokens generated.", st.generated_tokens),
             ("aengine_preemptions_total", "Requests preempted for lack of KV pages.", st.preemptions),
+            ("aengine_mixed_steps_total", "Prefill steps that also decoded running requests.", st.mixed_steps),
             ("aengine_slow_client_closes_total", "Connections closed because their send buffer was full.",
              self.slow_closes),
             ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", kv["evicted"]),

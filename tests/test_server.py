@@ -65,7 +65,7 @@ def test_hello_health_metrics(server: ServerProcess) -> None:
     for name in ("aengine_requests_running", "aengine_requests_waiting", "aengine_kv_pages_used",
                  "aengine_kv_pages_free", "aengine_cache_hit_tokens_total", "aengine_generated_tokens_total",
                  "aengine_time_to_first_token_seconds_count", "aengine_inter_token_latency_seconds_count",
-                 "aengine_gc_full_collection_seconds_count"):
+                 "aengine_gc_full_collection_seconds_count", "aengine_mixed_steps_total"):
         assert name in m
 
 

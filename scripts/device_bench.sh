@@ -6,7 +6,8 @@
 # figures.jsonl next to peers.jsonl and run benchmarks/compare.py on both (done here at the end
 # when $OUT/figures.jsonl exists, e.g. after both scripts ran with the same OUT).
 # Stages are the arguments (default: all):  w1-peer w2-peer w3 w4 compare
-#   also: w1-engine w2-engine w1-sub (engine and peer on the first $W1_SUB W1 requests)
+#   also: w1-engine w2-engine w1-sub (engine and peer on the first $W1_SUB W1 requests),
+#   w4-mixed (W4 with --enable-mixed-chunk, to set against w4 on the same card)
 # A stage starts only while the run is younger than $BUDGET_S seconds (default 540), so one call
 # stays inside a 10-minute limit with its logs intact; run the rest in a second call.
 set -uo pipefail
@@ -56,6 +57,11 @@ for s in $stages; do
         --spawn "--model $Q06 --load-format dummy $TOKARG" --server-log "$OUT/w4-server.log" \
         --request-rate ${W4_RATES:-16,64,inf} --connections 16 --label "W4 qwen3-0.6b dummy" \
         --plot "$OUT/load_w4.png" --json "$OUT/w4.jsonl" ;;
+    w4-mixed)  # the same, with decode rows riding along in prefill steps
+      step "w4 rates, mixed" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
+        --spawn "--model $Q06 --load-format dummy $TOKARG --enable-mixed-chunk" --server-log "$OUT/w4-mixed-server.log" \
+        --request-rate ${W4_RATES:-16,64,inf} --connections 16 --label "W4 qwen3-0.6b dummy, mixed" \
+        --plot "$OUT/load_w4_mixed.png" --json "$OUT/w4-mixed.jsonl" ;;
     w1-sub)  # engine and peer on the same first N W1 requests (the peer's full W1 takes ~5 min)
       n=${W1_SUB:-64}
       step "w1[:$n] engine" peers.log python3 benchmarks/offline.py --workload w1 --model $Q06 \

@@ -139,9 +139,11 @@ class Soak:
 
 
 @pytest.mark.slow
-def test_soak(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixed", [False, True], ids=["alternate", "mixed"])
+def test_soak(tmp_path: Path, mixed: bool) -> None:
+    """Once with prefill and decode steps alternating (the default), once with --enable-mixed-chunk."""
     path = build_tiny("llama", tmp_path / "tiny", vocab_size=TINY_VOCAB)
-    with running_server(*tiny_args(path), *SERVER) as srv:
+    with running_server(*tiny_args(path), *SERVER, *(("--enable-mixed-chunk",) if mixed else ())) as srv:
         base = state(srv)
         soak = Soak(srv, seed=1234)
         t0 = time.monotonic()
@@ -161,6 +163,7 @@ def test_soak(tmp_path: Path) -> None:
         c["slow_client_closes"] = int(m["aengine_slow_client_closes_total"])
         c["pages_evicted"] = st["pages_evicted"]
         c["generated_tokens"] = int(m["aengine_generated_tokens_total"])
+        c["mixed_steps"] = int(m["aengine_mixed_steps_total"])
         print(f"\nsoak: {secs:.0f} s, {CLIENTS} clients: {dict(sorted(c.items()))}\nrss MiB: "
               f"{[r >> 20 for r in rss]}\nfinal state: {st}")
         assert srv.stop() == 0
@@ -174,6 +177,7 @@ def test_soak(tmp_path: Path) -> None:
     # the soak did what it is for
     assert c["requests"] > 3 * DURATION and c["cancels"] > 10 and c["disconnects"] > 10, c
     assert c["preemptions"] > 0 and c["pages_evicted"] > 0 and c["slow_client_closes"] > 0, c
+    assert (c["mixed_steps"] > 0) == mixed, c
     assert c["error_internal"] == 0 and c["stuck_not_closed"] == 0, c
     assert not any(k.startswith("client_exception") for k in c), c
     # memory: the second half of the run grew by no more than a small constant

@@ -57,12 +57,31 @@ def resolve_model(model: str | None) -> Path:
     return path
 
 
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _drop_stale(path: Path, keep: Path) -> None:
+    """Remove earlier conversions of this file name whose source is gone or has changed (an
+    upgraded or removed package): each is a full fp32 copy, hundreds of MB."""
+    for d in cache_dir().glob(f"{path.stem}-*"):
+        if d == keep or ".tmp" in d.name or not (d / "DONE").exists():
+            continue
+        try:
+            src = Path(json.loads((d / "DONE").read_text())["source"])
+            live = d.name == f"{src.stem}-{_gguf_key(src)}"
+        except (OSError, ValueError, KeyError):
+            live = False
+        if not live:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def gguf_to_hf(path: Path) -> Path:
     """Dequantize a GGUF file once into an HF directory under the cache; later calls reuse it."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / f"{path.stem}-{key}"
+    out = cache_dir() / f"{path.stem}-{_gguf_key(path)}"
     if (out / "DONE").exists():
+        _drop_stale(path, out)
         return out
     import gguf
     import numpy as np
@@ -97,6 +116,7 @@ def gguf_to_hf(path: Path) -> Path:
     (tmp / "DONE").write_text(json.dumps({"source": str(path)}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    _drop_stale(path, out)
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aengine import LLM, ContextLengthExceeded, InvalidRequest, SamplingParams
@@ -115,3 +117,31 @@ def test_borrowed_tokenizer_beyond_vocab(tmp_path, llm_check):
         llm.generate(["The capital of France is"], GREEDY)
     p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     assert len(llm.generate([[1, 2, 3]], p)[0].token_ids) == 5
+
+
+def test_stale_gguf_conversions_are_removed(tmp_path, monkeypatch):
+    """The embedded model is converted once per source file; copies whose source is gone or has
+    changed since (an upgraded or removed package) are deleted, nothing else is."""
+    import json
+
+    from aengine import weights
+
+    real, gguf = weights.resolve_model(None), weights.default_gguf()
+    monkeypatch.setenv("AENGINE_CACHE", str(tmp_path))
+    live = tmp_path / real.name
+    live.symlink_to(real, target_is_directory=True)
+
+    def entry(name: str, source: Path | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if source is not None:
+            (d / "DONE").write_text(json.dumps({"source": str(source)}))
+        return d
+
+    gone = entry(f"{gguf.stem}-0123456789abcdef", tmp_path / "uninstalled" / gguf.name)
+    changed = entry(f"{gguf.stem}-fedcba9876543210", gguf)  # same file, an earlier size or mtime
+    partial = entry(f"{gguf.stem}-1111111111111111.tmp42", None)  # another process converting
+    other = entry("other-model-2222222222222222", tmp_path / "missing.gguf")
+    assert weights.resolve_model(None) == live
+    assert live.exists() and partial.exists() and other.exists()
+    assert not gone.exists() and not changed.exists()

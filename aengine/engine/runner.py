@@ -114,19 +114,16 @@ class ModelRunner:
             positions = np.arange(int(ext.sum())) - np.repeat(np.cumsum(ext) - ext - starts, ext)
         qo_indptr = np.concatenate([[0], np.cumsum(ext)])
         sample_idx = qo_indptr[1:][inp.sample_rows] - 1
-        tok_rows = np.asarray(inp.tok_rows, dtype=np.int64)
-        (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp, d_sslots, d_trow,
-         d_tslot) = self._upload([
+        (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp, d_sslots) = self._upload([
             slots, seq, qo_indptr, positions, tok_slots, sample_idx, np.asarray(inp.input_ids),
-            np.asarray(inp.pt_rows), np.asarray(inp.pt_cols), np.asarray(inp.pt_pages), slots[inp.sample_rows],
-            qo_indptr[tok_rows], slots[tok_rows]])
+            np.asarray(inp.pt_rows), np.asarray(inp.pt_cols), np.asarray(inp.pt_pages), slots[inp.sample_rows]])
         if len(inp.pt_pages):
             self.page_table[d_ptr.long(), d_ptc.long()] = d_ptp
         pos = d_pos.long()
         out_loc = self.page_table[d_tslots.long(), pos // ps].long() * ps + pos % ps
         input_ids = self.last_tok[d_slots.long()] if inp.decode else d_ids
-        if len(tok_rows):  # a mixed step's decoding rows: their last sampled token, as in a decode step
-            input_ids[d_trow.long()] = self.last_tok[d_tslot.long()]
+        if inp.decoding:  # a mixed step's first rows decode: one token each, the last one sampled
+            input_ids[: inp.decoding] = self.last_tok[d_slots[: inp.decoding].long()]
         fb = ForwardBatch(inp.decode, input_ids, pos, out_loc, d_slots, d_seq, d_qo, d_sidx.long(),
                           inp.seq_lens, inp.extend_lens)
         if self.graphs is not None and inp.decode and self.graphs.can_run(fb):

@@ -21,7 +21,7 @@ class StepInput(msgspec.Struct, array_like=True):
     top_k: list[int]
     min_p: list[float]
     seeds: list[int]  # -1: unseeded
-    tok_rows: list[int] = []  # prefill steps: rows that decode (one token, read on device like a decode step's)
+    decoding: int = 0  # prefill steps: the first `decoding` rows decode (one token each, read on device)
 
     @property
     def batch_size(self) -> int:

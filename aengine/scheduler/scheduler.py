@@ -283,11 +283,11 @@ class Scheduler:
         """The step's StepInput; in a prefill step the first n_decoding rows decode (mixed step)."""
         inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [])
         reqs = []
+        inp.decoding = n_decoding
         self.stats.mixed_steps += n_decoding > 0
         for i, (req, n) in enumerate(chosen):
             if i < n_decoding:  # its token is the last one sampled, not known here under overlap
                 inp.input_ids.append(0)
-                inp.tok_rows.append(i)
             elif not decode:
                 inp.input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
                 self.stats.prefill_tokens += n

@@ -1,15 +1,18 @@
 """aengine: a compact, fast LLM inference engine whose front door is a WebSocket."""
 
 from aengine.config import EngineConfig, ServerConfig
+from aengine.engine import AsyncEngine
 from aengine.llm import LLM
-from aengine.scheduler.request import (
-                                       ContextLengthExceeded,
-                                       EngineError,
-                                       InvalidRequest,
-                                       RequestOutput,
-                                       SamplingParams,
+from aengine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineStats,
+    InvalidRequest,
+    RequestDelta,
+    RequestOutput,
+    SamplingParams,
 )
 
-__all__ = ["LLM", "EngineConfig", "ServerConfig", "SamplingParams", "RequestOutput", "EngineError",
-           "InvalidRequest", "ContextLengthExceeded"]
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "ServerConfig", "SamplingParams", "RequestOutput", "RequestDelta",
+           "EngineStats", "EngineError", "InvalidRequest", "ContextLengthExceeded"]
 __version__ = "0.1.0"

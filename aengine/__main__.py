@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
     engine_cfg = EngineConfig(**_pick(EngineConfig, ns))
     if engine_cfg.node_rank > 0:  # multi-node TP: other nodes run only their ranks; node 0 serves
-        from aengine.distributed_launch import run_worker_node
+        from aengine.tp.launch import run_worker_node
 
         return run_worker_node(engine_cfg)
     if ns.shell:
         from aengine.shell import run_shell
 
         return run_shell(engine_cfg, max_tokens=server_cfg.max_tokens_limit or 512)
-    from aengine.server import run_server
+    from aengine.serve.server import run_server
 
     return run_server(engine_cfg, server_cfg)
 

@@ -8,17 +8,8 @@ import itertools
 from collections.abc import Sequence
 
 from aengine.config import EngineConfig
-from aengine.engine.async_engine import AsyncEngine
-from aengine.scheduler.request import Req, RequestOutput, SamplingParams
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
+from aengine.engine import AsyncEngine, new_event_loop
+from aengine.types import EngineStats, RequestDelta, RequestOutput, SamplingParams
 
 
 class LLM:
@@ -26,7 +17,7 @@ class LLM:
         cfg = kw.pop("config", None) or EngineConfig()
         self.engine = AsyncEngine(cfg.replace(model=model, **kw))
         self.tokenizer = self.engine.tokenizer
-        self._loop = _new_loop()
+        self._loop = new_event_loop()
         self._loop.run_until_complete(self.engine.start())
         self._ids = itertools.count()
 
@@ -69,13 +60,10 @@ class LLM:
             bar = tqdm(total=len(prompt_ids), desc="requests")
         remaining = [len(prompt_ids)]
 
-        def emit(req: Req, ids: list[int], text: str, fin: str | None) -> None:
-            if fin is None:
+        def emit(d: RequestDelta) -> None:
+            if d.output is None:
                 return
-            outs[req.rid] = RequestOutput(
-                req.rid, req.detok.text, list(req.output_ids), fin, len(req.prompt_ids), req.cached_tokens,
-                req.prompt_ids, (req.t_first - req.t_arrival) * 1e3 if req.t_first else 0.0,
-                ((req.t_last or req.t_arrival) - req.t_arrival) * 1e3)
+            outs[d.output.id] = d.output
             remaining[0] -= 1
             if bar is not None:
                 bar.update(1)
@@ -106,12 +94,11 @@ class LLM:
             exc = self.engine.task.exception() if self.engine.task.done() else None
             raise RuntimeError("the engine stopped") from exc
 
-    def kv_usage(self) -> dict[str, int]:
-        return self.engine.kv_usage()
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def clear_cache(self) -> None:
-        if self.engine.scheduler.tree is not None:
-            self.engine.scheduler.tree.clear()
+        self.engine.clear_cache()
 
     def close(self) -> None:
         if self._loop.is_closed():

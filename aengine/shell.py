@@ -9,8 +9,8 @@ import itertools
 import sys
 
 from aengine.config import EngineConfig
-from aengine.engine.async_engine import AsyncEngine
-from aengine.scheduler.request import EngineError, SamplingParams
+from aengine.engine import AsyncEngine, new_event_loop
+from aengine.types import EngineError, SamplingParams
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -37,11 +37,9 @@ async def _answer(engine: AsyncEngine, rid: str, history: list[dict], params: Sa
 
 
 def run_shell(cfg: EngineConfig, max_tokens: int = 512, temperature: float = 0.7) -> int:
-    from aengine.llm import _new_loop
-
     _readline_history()
     engine = AsyncEngine(cfg)
-    loop = _new_loop()
+    loop = new_event_loop()
     loop.run_until_complete(engine.start())
     print(f"{engine.model_name} (context {engine.max_model_len} tokens). {HELP}", flush=True)
     history: list[dict] = []

@@ -25,9 +25,6 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.hf(text, add_special_tokens=False).input_ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
-
     def detokenizer(self, stop: list[str]) -> Detokenizer:
         return Detokenizer(self, stop)
 

@@ -154,3 +154,16 @@ def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> N
         model.load_weights(dummy_weights(path, seed, next(model.parameters()).device))
     else:
         model.load_weights(iter_safetensors(path))
+
+
+def load_hf_config(path: Path) -> object:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the model config in {str(path)!r}: {e}") from e
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

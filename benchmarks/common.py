@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int],
                 seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    """PERF.md's W1: all prompts first, then all max_tokens, from random.seed(seed). Must stay the
+    """docs/benchmarks.md's W1: all prompts first, then all max_tokens, from random.seed(seed). Must stay the
     same draw as offline.py's, so that offline and online figures describe the same requests."""
     rng = random.Random(seed)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(*input_len))] for _ in range(n)]
@@ -153,8 +153,8 @@ class Spawned:
 
 @contextmanager
 def spawn_server(args: Sequence[str], startup_timeout: float = 600.0, log_path: str | None = None,
-                 quiet: bool = False) -> Iterator[Spawned]:
-    """`python -m aengine --port <free> *args`, yielded once /health answers 200; SIGTERM after.
+                 quiet: bool = False, module: str = "aengine") -> Iterator[Spawned]:
+    """`python -m <module> --port <free> *args`, yielded once /health answers 200; SIGTERM after.
     The server's log goes to log_path (kept) or a temporary file (removed)."""
     port = free_port()
     if log_path:
@@ -165,7 +165,7 @@ def spawn_server(args: Sequence[str], startup_timeout: float = 600.0, log_path: 
         path = Path(name)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "aengine", "--port", str(port), *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT, env=env,
                             stdout=fd, stderr=subprocess.STDOUT)
     os.close(fd)
     srv = Spawned(proc, port, path)

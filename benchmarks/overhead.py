@@ -5,7 +5,7 @@ model's tokenizer) run as in production; only the model runner is replaced by a 
 returns random token ids (never EOS) at once, or after --stub-ms of idle waiting. The figure is the
 loop thread's CPU time (time.thread_time, so the stub's wait is not counted) between consecutive
 decode launches at a steady batch size: schedule + page allocation + build the step + process the
-previous step's ids (append, stop checks, detokenize, emit). PERF.md's target: <= 2 ms at batch 256.
+previous step's ids (append, stop checks, detokenize, emit). docs/benchmarks.md's target: <= 2 ms at batch 256.
 
 Separately, the cost of one WebSocket delta frame: the server's real Session (emit -> msgspec
 encode -> outbox -> writer task -> websockets framing -> socket write) on a loopback connection,
@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
 from aengine.config import EngineConfig  # noqa: E402
-from aengine.engine.async_engine import AsyncEngine  # noqa: E402
-from aengine.engine.step import StepInput  # noqa: E402
-from aengine.scheduler.request import Req, SamplingParams  # noqa: E402
+from aengine.engine import AsyncEngine  # noqa: E402
+from aengine.runtime.step import StepInput  # noqa: E402
+from aengine.types import RequestDelta, SamplingParams  # noqa: E402
 from benchmarks.common import emit_json, machine  # noqa: E402
 
 
@@ -42,8 +42,9 @@ class StubExecutor:
     """Stands in for Executor: same launch/result/shutdown interface, no model. Records, per launch,
     (decode?, batch size, wall time, loop-thread CPU time)."""
 
-    def __init__(self, token_pool: np.ndarray, step_ms: float) -> None:
-        self.pool = token_pool
+    def __init__(self, runner: object, step_ms: float) -> None:
+        self.runner = runner
+        self.pool = np.zeros(0, dtype=np.int64)  # token ids to "sample", set once the tokenizer is known
         self.pos = 0
         self.step_s = step_ms / 1e3
         self.log: list[tuple[bool, int, float, float]] = []
@@ -74,23 +75,19 @@ class StubEngine(AsyncEngine):
     scheduler coroutine) with the model runner replaced: nothing is loaded or computed."""
 
     def __init__(self, cfg: EngineConfig, num_pages: int, step_ms: float, seed: int = 0) -> None:
-        self._stub = (num_pages, step_ms, seed)
-        super().__init__(cfg)
-
-    def _build_runner(self, cfg: EngineConfig) -> tuple[object, StubExecutor]:
-        num_pages, step_ms, seed = self._stub
         page_size = cfg.page_size or 1  # 1: the torch and flashinfer backends' page, the GPU default
+        max_pos = 8192  # the embedded model's context; a --model's own is read below
         runner = SimpleNamespace(page_size=page_size, num_pages=num_pages,
-                                 max_model_len=min(self.hf_config.max_position_embeddings,
-                                                   (num_pages - 1) * page_size))
+                                 max_model_len=min(max_pos, (num_pages - 1) * page_size))
+        super().__init__(cfg, executor=StubExecutor(runner, step_ms))
+        runner.max_model_len = min(self.hf_config.max_position_embeddings, (num_pages - 1) * page_size)
+        self.max_model_len = runner.max_model_len
         # Ordinary text tokens: random ids below the tokenizer's special tokens, EOS excluded, so
         # the detokenizer does real work and no request stops early.
         vocab = min(self.hf_config.vocab_size, len(self.tokenizer.hf))
         special = set(self.tokenizer.hf.all_special_ids) | self.tokenizer.eos_ids
-        rng = np.random.default_rng(seed)
-        pool = rng.integers(0, vocab, size=1 << 16)
-        pool = pool[~np.isin(pool, list(special))]
-        return runner, StubExecutor(pool, step_ms)  # type: ignore[return-value]
+        pool = np.random.default_rng(seed).integers(0, vocab, size=1 << 16)
+        self.executor.pool = pool[~np.isin(pool, list(special))]
 
 
 def steady_steps(log: list[tuple[bool, int, float, float]], bs: int, skip: int) -> tuple[list[float], list[float]]:
@@ -115,10 +112,10 @@ async def run_batch(engine: AsyncEngine, bs: int, prompt_len: int, steps: int, r
 
     # What a front end must at least do per token: look at it. Nothing is kept, as in the server
     # (kept deltas would grow the heap and bill the garbage collector to the scheduler). The
-    # server's per-frame cost is measured on its own (frame_cost), as PERF.md budgets it apart.
-    def emit(req: Req, ids: list[int], text: str, fin: str | None) -> None:
-        seen[0] += len(ids)
-        if fin is not None:
+    # server's per-frame cost is measured on its own (frame_cost), as docs/benchmarks.md budgets it apart.
+    def emit(d: RequestDelta) -> None:
+        seen[0] += len(d.token_ids)
+        if d.finish_reason is not None:
             left[0] -= 1
             if left[0] == 0:
                 done.set()
@@ -140,8 +137,8 @@ async def run_intake(engine: AsyncEngine, groups: int, prefix_len: int, question
                for p in (rng.integers(0, 10000, size=prefix_len).tolist() for _ in range(groups)) for _ in range(8)]
     done, left = asyncio.Event(), [len(prompts)]
 
-    def emit(req: Req, ids: list[int], text: str, fin: str | None) -> None:
-        if fin is not None:
+    def emit(d: RequestDelta) -> None:
+        if d.finish_reason is not None:
             left[0] -= 1
             if left[0] == 0:
                 done.set()
@@ -190,8 +187,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict | None]:
                          "cpu_ms_per_step_p90": sorted(cpu)[int(0.9 * (len(cpu) - 1))] * 1e3,
                          "wall_ms_per_step": statistics.median(wall) * 1e3,
                          "cpu_us_per_token": med / bs * 1e6, "run_s": elapsed})
-            if engine.scheduler.tree is not None:
-                engine.scheduler.tree.clear()  # each batch size starts from the same empty cache
+            engine.clear_cache()  # each batch size starts from the same empty cache
         intake = None
         if args.intake_groups:
             intake = loop.run_until_complete(run_intake(engine, args.intake_groups, 2048, 64))
@@ -230,8 +226,8 @@ def frame_cost(frames: int, streams: int) -> dict:
     from websockets.sync.client import connect
 
     from aengine.config import ServerConfig
-    from aengine.metrics import Metrics
-    from aengine.server import Session, Stream
+    from aengine.serve.metrics import Metrics
+    from aengine.serve.session import Session, Stream
 
     steps = max(1, frames // streams)
     total = steps * streams
@@ -257,7 +253,7 @@ def frame_cost(frames: int, streams: int) -> dict:
                 c0, w0 = time.thread_time(), time.perf_counter()
                 for s in range(steps):
                     for st in sts:
-                        sess._emit(st, None, [1000 + s % 5000], " token", None)  # type: ignore[arg-type]
+                        sess._emit(st, RequestDelta([1000 + s % 5000], " token"))
                     await asyncio.sleep(0)  # the scheduler yields between steps; the writer runs then
                 await sess.flush(60.0)
                 out["cpu_s"], out["wall_s"] = time.thread_time() - c0, time.perf_counter() - w0
@@ -282,7 +278,7 @@ def frame_cost(frames: int, streams: int) -> dict:
     if "error" in out:
         raise RuntimeError("the frame benchmark failed") from out["error"]
     # msgspec encoding alone, for scale
-    from aengine.protocol import Delta, encode
+    from aengine.serve.protocol import Delta, encode
 
     d = Delta("r1", " token", [1234])
     n = 20000

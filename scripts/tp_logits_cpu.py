@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 
 def logits(model: str | None, tokenizer: str | None, tp: int, dtype: str) -> list[torch.Tensor]:
-    import aengine.engine.runner as runner_mod
+    import aengine.runtime.runner as runner_mod
     from aengine import LLM, SamplingParams
 
     rec: list[torch.Tensor] = []

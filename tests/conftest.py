@@ -43,15 +43,13 @@ def build_tiny(kind: str, path: Path, seed: int = 0, **over: object) -> Path:
 
 def kv_leak_free(llm: object) -> None:
     """Every page is free or held by the radix tree; clearing the tree frees all."""
-    s = llm.engine.scheduler
-    assert not s.running and not s.waiting and not s.by_id
-    tree = s.tree.total_pages if s.tree else 0
-    assert s.alloc.num_used == tree, f"{s.alloc.num_used} pages used, tree holds {tree}"
-    if s.tree:
-        assert s.tree.locked_pages == 0
-        s.tree.clear()
-    assert s.alloc.num_used == 0
-    assert sorted(s.free_slots) == list(range(1, s.max_running + 1))
+    st = llm.engine.stats()
+    assert st.running == st.waiting == st.requests == 0, st
+    assert st.pages_used == 0, f"{st.pages_used} pages held by no live request"
+    assert not llm.engine.check()  # incl. every slot returned, every page free or cached once
+    llm.clear_cache()
+    st = llm.engine.stats()
+    assert st.pages_free == st.pages_total, st
 
 
 @pytest.fixture(scope="session")

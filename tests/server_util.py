@@ -13,7 +13,7 @@ __all__ = ["ROOT", "ServerProcess", "free_port", "http_get", "parse_metrics", "r
 
 
 @contextmanager
-def running_server(*args: str, startup_timeout: float = 240.0) -> Iterator[ServerProcess]:
-    """`python -m aengine --port <free> *args`, yielded once GET /health answers 200; stopped after."""
-    with spawn_server(args, startup_timeout=startup_timeout, quiet=True) as srv:
+def running_server(*args: str, startup_timeout: float = 240.0, module: str = "aengine") -> Iterator[ServerProcess]:
+    """`python -m <module> --port <free> *args`, yielded once GET /health answers 200; stopped after."""
+    with spawn_server(args, startup_timeout=startup_timeout, quiet=True, module=module) as srv:
         yield srv

@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from aengine.config import ServerConfig
-from aengine.server import exposed_without_key
+from aengine.serve.server import exposed_without_key
 from tests.server_util import ServerProcess, http_get, running_server
 from tests.test_limits import TINY_VOCAB, tiny_args
 

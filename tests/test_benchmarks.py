@@ -37,7 +37,7 @@ def test_w1_recipe_matches_offline() -> None:
 
     assert w1_requests(8, (10, 50), (5, 20)) == offline.w1_requests(8, (10, 50), (5, 20))
     _, max_tokens = w1_requests(256, (100, 1024), (100, 1024))
-    assert sum(max_tokens) == 133966  # PERF.md's total output of W1
+    assert sum(max_tokens) == 133966  # docs/benchmarks.md's total output of W1
 
 
 def test_overhead() -> None:

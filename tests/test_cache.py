@@ -43,7 +43,7 @@ def test_same_greedy_outputs(kw, reference, llm_check):
     llm_check(llm)
     outs = llm.chat(convs(), GREEDY)
     assert [o.token_ids for o in outs] == reference
-    mixed = llm.engine.scheduler.stats.mixed_steps
+    mixed = llm.engine.stats().mixed_steps
     if not kw.get("enable_mixed_chunk"):
         assert mixed == 0
     elif "kv_cache_tokens" not in kw:  # in the small pool a prompt rarely fits beside a decode
@@ -54,10 +54,9 @@ def test_same_greedy_outputs(kw, reference, llm_check):
 def test_shared_prefix_is_reused(embedded, llm_check):
     llm_check(embedded)
     embedded.clear_cache()
-    stats = embedded.engine.scheduler.stats
     first = embedded.chat(convs()[:1], GREEDY)[0]
     assert first.cached_tokens == 0
-    before = stats.prefill_tokens
+    before = embedded.stats().prefill_tokens
     second = embedded.chat(convs()[1:2], GREEDY)[0]
     shared = 0
     a, b = first.prompt_token_ids, second.prompt_token_ids
@@ -66,7 +65,7 @@ def test_shared_prefix_is_reused(embedded, llm_check):
     assert shared > 100
     ps = embedded.engine.runner.page_size
     assert second.cached_tokens >= shared // ps * ps
-    assert stats.prefill_tokens - before == second.prompt_tokens - second.cached_tokens
+    assert embedded.stats().prefill_tokens - before == second.prompt_tokens - second.cached_tokens
     # the same prompt again reuses all but its last token (whose logits give the first output)
     again = embedded.chat(convs()[1:2], GREEDY)[0]
     assert again.cached_tokens >= (again.prompt_tokens - 1) // ps * ps
@@ -80,7 +79,7 @@ def test_preemption_and_two_large_requests(mixed):
     ids = llm.tokenizer.encode(SYSTEM)[:90]
     p = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     together = llm.generate([ids, ids[::-1]], p)
-    assert llm.engine.scheduler.stats.preemptions > 0
+    assert llm.stats().preemptions > 0
     alone = [llm.generate([x], p)[0] for x in (ids, ids[::-1])]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == 60 for o in together)

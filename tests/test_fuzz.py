@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from aengine.protocol import ServerMessage
+from aengine.serve.protocol import ServerMessage
 from tests.conftest import build_tiny
 from tests.server_util import ServerProcess, http_get, running_server
 from tests.test_limits import TINY_VOCAB, tiny_args

@@ -170,7 +170,7 @@ def engine_logits(path: str, monkeypatch: pytest.MonkeyPatch, new_tokens: int = 
     """Every step's logits while serving a prompt, then three more that reuse its prefix from
     the radix cache, with a 64-token prefill budget (so the long one is chunked), then decode
     (new_tokens=1: no decode, so every row comes from the prompts alone)."""
-    import aengine.engine.runner as runner_mod
+    import aengine.runtime.runner as runner_mod
 
     rec: list[torch.Tensor] = []
     orig = runner_mod.sample
@@ -275,7 +275,7 @@ def test_cuda_graphs_greedy_equal_eager(name: str, qwen3_dir: str) -> None:
 
 @pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
 def test_fused_sampling_top_k_1_is_greedy() -> None:
-    from aengine.engine.sampler import SamplingTensors, sample
+    from aengine.runtime.sampler import SamplingTensors, sample
 
     logits = torch.randn(8, 1000, device="cuda") * 3
     f = dict(dtype=torch.float32, device="cuda")
@@ -297,7 +297,7 @@ def test_fp32_torch_backend_equals_hf(arch: str, llama_dir: str, qwen3_dir: str)
     llm = make_llm(path, dtype="fp32", attn="torch", **mixed)
     try:
         ours = [o.token_ids for o in llm.generate(ps, greedy(20))]
-        assert (llm.engine.scheduler.stats.mixed_steps > 0) == bool(mixed)
+        assert (llm.engine.stats().mixed_steps > 0) == bool(mixed)
     finally:
         close(llm)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()

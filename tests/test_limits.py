@@ -226,11 +226,11 @@ def test_slow_consumer_is_closed_and_others_unharmed(server: ServerProcess) -> N
     assert "over 65536 unsent bytes; closing it" in server.log()
 
 
-def test_step_fault_fails_its_requests_only(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """AENGINE_FAULT_TOKEN makes a prefill holding that id raise inside the step: that request
-    fails with internal, another one running beside it finishes, the server keeps serving; three
-    faulted steps in a row mean the state is not trusted: every client is told, exit status 1."""
-    monkeypatch.setenv("AENGINE_FAULT_TOKEN", "7")
+def test_step_fault_fails_its_requests_only(tiny_model: Path) -> None:
+    """The real server with a faulting step (tests/fault_server.py: a prefill holding token 7 raises
+    inside the step): that request fails with internal, another one running beside it finishes,
+    the server keeps serving; three faulted steps in a row mean the state is not trusted: every
+    client is told, exit status 1."""
     bad = json.dumps({"type": "generate", "id": "bad", "input_ids": [5, 6, 7, 8], "max_tokens": 4})
 
     async def go(srv: ServerProcess) -> list[dict[str, Any]]:
@@ -247,7 +247,7 @@ def test_step_fault_fails_its_requests_only(tiny_model: Path, monkeypatch: pytes
             out.append(await recv(other))  # the server's last word to every client
             return out
 
-    with running_server(*tiny_args(tiny_model), "--debug-state") as srv:
+    with running_server(*tiny_args(tiny_model), "--debug-state", module="tests.fault_server") as srv:
         bad1, long, after, *bads, last = asyncio.run(go(srv))
         assert srv.proc.wait(30) == 1
         log = srv.log()

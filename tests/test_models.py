@@ -36,7 +36,7 @@ def test_matches_hf(kind, page_size, tmp_path, llm_check):
     llm_check(llm)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == want
-    assert (llm.engine.scheduler.stats.mixed_steps > 0) == bool(mixed)
+    assert (llm.engine.stats().mixed_steps > 0) == bool(mixed)
     assert all(o.finish_reason == "length" for o in outs)
     assert [o.prompt_tokens for o in outs] == [len(p) for p in PROMPTS]
 

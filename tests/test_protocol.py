@@ -6,8 +6,20 @@ import json
 
 import pytest
 
-from aengine.metrics import Histogram
-from aengine.protocol import Cancel, Delta, Done, Error, Generate, Hello, ProtocolError, Timing, Usage, decode, encode
+from aengine.serve.metrics import Histogram
+from aengine.serve.protocol import (
+    Cancel,
+    Delta,
+    Done,
+    Error,
+    Generate,
+    Hello,
+    ProtocolError,
+    Timing,
+    Usage,
+    decode,
+    encode,
+)
 
 
 def test_generate_defaults() -> None:

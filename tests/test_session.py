@@ -13,8 +13,9 @@ from websockets.asyncio.server import serve
 from websockets.sync.client import connect
 
 from aengine.config import ServerConfig
-from aengine.metrics import Metrics
-from aengine.server import Session, Stream
+from aengine.serve.metrics import Metrics
+from aengine.serve.session import Session, Stream
+from aengine.types import RequestDelta
 
 
 def test_frames_in_order_through_backpressure() -> None:
@@ -40,7 +41,7 @@ def test_frames_in_order_through_backpressure() -> None:
             st = Stream("r", "0:r", True, time.monotonic())
             try:
                 for i in range(n):
-                    sess._emit(st, None, [5], f"{i:05d}{pad}", None)  # type: ignore[arg-type]
+                    sess._emit(st, RequestDelta([5], f"{i:05d}{pad}"))
                     if i % per_turn == per_turn - 1:
                         await asyncio.sleep(0)  # a scheduler step ends: the flush runs
                         seen["paused"] += ws.paused  # type: ignore[attr-defined]

@@ -17,6 +17,9 @@ class PageAllocator:
     def num_used(self) -> int:
         return self.capacity - len(self._free)
 
+    def free_pages(self) -> list[int]:
+        return list(self._free)
+
     def alloc(self, n: int) -> list[int] | None:
         if n > len(self._free):
             return None

@@ -71,6 +71,22 @@ class RadixCache:
             node, i = child, i + n
         return node, pages, i
 
+    def match_len(self, tokens: list[int]) -> int:
+        """Tokens of the longest cached page-aligned prefix, without touching the tree (no split, no
+        LRU refresh): for estimates about requests that may not be admitted."""
+        node, i = self.root, 0
+        limit = len(tokens) - len(tokens) % self.ps
+        while i < limit:
+            child = node.children.get(tuple(tokens[i : i + self.ps]))
+            if child is None:
+                break
+            n = self._common(child.key, tokens, i)
+            i += n
+            if n < len(child.key):
+                break
+            node = child
+        return i
+
     def match(self, tokens: list[int]) -> tuple[list[int], Node]:
         """Longest cached page-aligned prefix of tokens: its pages and its last node."""
         node, pages, _ = self._walk(tokens)
@@ -127,6 +143,29 @@ class RadixCache:
     def clear(self) -> None:
         """Drop every unreferenced node (all of them when nothing runs)."""
         self.evict(self.evictable_pages)
+
+    def check(self) -> tuple[list[int], list[str]]:
+        """Integrity: (every page the tree holds, problems found). A lock pins a node's whole
+        path, so no node is referenced more often than its parent, and the counts add up."""
+        pages: list[int] = []
+        problems: list[str] = []
+        locked = evictable = 0
+        stack = list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            ok = len(n.key) == len(n.pages) * self.ps and 0 <= n.ref
+            ok = ok and (n.parent is self.root or n.ref <= n.parent.ref)
+            if not ok or any(c.parent is not n or k != tuple(c.key[: self.ps]) for k, c in n.children.items()):
+                problems.append(f"bad node: {len(n.key)} tokens, {len(n.pages)} pages, ref {n.ref}")
+            if n.ref:
+                locked += len(n.pages)
+            else:
+                evictable += len(n.pages)
+            pages += n.pages
+            stack += n.children.values()
+        if (locked, evictable) != (self.locked_pages, self.evictable_pages):
+            problems.append(f"tree counts {self.locked_pages}/{self.evictable_pages}, found {locked}/{evictable}")
+        return pages, problems
 
     def _leaves(self) -> list[Node]:
         out, stack = [], [self.root]

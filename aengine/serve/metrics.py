@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from aengine.engine.async_engine import AsyncEngine
+    from aengine.engine import AsyncEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -69,22 +69,16 @@ class Metrics:
         self.requests[reason] = self.requests.get(reason, 0) + 1
 
     def render(self, engine: AsyncEngine) -> str:
-        s = engine.scheduler
-        kv = engine.kv_usage()
-        # Pages the radix cache holds but no request uses are reclaimable, so they count as cached,
-        # not used: "used" drops to 0 when no request is live, whatever the cache mode.
-        cached = kv["tree_evictable"]
-        used = kv["capacity"] - kv["free"] - cached
+        st = engine.stats()
         gauges = [
-            ("aengine_requests_running", "Requests admitted to the batch.", len(s.running)),
-            ("aengine_requests_waiting", "Requests queued for admission.", len(s.waiting)),
+            ("aengine_requests_running", "Requests admitted to the batch.", st.running),
+            ("aengine_requests_waiting", "Requests queued for admission.", st.waiting),
             ("aengine_connections", "Open WebSocket connections.", self.connections),
-            ("aengine_kv_pages_used", "KV pages held by live requests.", used),
-            ("aengine_kv_pages_free", "KV pages on the free list.", kv["free"]),
-            ("aengine_kv_pages_cached", "KV pages held only by the prefix cache (evictable).", cached),
-            ("aengine_kv_pages_total", "KV pool capacity in pages.", kv["capacity"]),
+            ("aengine_kv_pages_used", "KV pages held by live requests.", st.pages_used),
+            ("aengine_kv_pages_free", "KV pages on the free list.", st.pages_free),
+            ("aengine_kv_pages_cached", "KV pages held only by the prefix cache (evictable).", st.pages_cached),
+            ("aengine_kv_pages_total", "KV pool capacity in pages.", st.pages_total),
         ]
-        st = s.stats
         counters = [
             ("aengine_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.", st.cache_hit_tokens),
             ("aengine_prefill_tokens_total", "Prompt tokens computed.", st.prefill_tokens),
@@ -93,7 +87,7 @@ class Metrics:
             ("aengine_mixed_steps_total", "Prefill steps that also decoded running requests.", st.mixed_steps),
             ("aengine_slow_client_closes_total", "Connections closed because their send buffer was full.",
              self.slow_closes),
-            ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", kv["evicted"]),
+            ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", st.pages_evicted),
         ]
         out: list[str] = []
         for kind, rows in (("gauge", gauges), ("counter", counters)):
@@ -107,40 +101,13 @@ class Metrics:
 
 
 def debug_state(engine: AsyncEngine, sessions: int) -> dict[str, object]:
-    """GET /debug/state (--debug-state): counts and invariant checks a test can read from outside
-    the process: every page is free, held by a request, or held by the radix tree exactly once."""
-    s, problems = engine.scheduler, []
-    pages: list[int] = []
-    tree = s.tree
-    if tree is not None:
-        locked = evictable = 0
-        stack = list(tree.root.children.values())
-        while stack:
-            n = stack.pop()
-            # a lock pins the whole path, so a node is never referenced more often than its parent
-            ok = len(n.key) == len(n.pages) * tree.ps and 0 <= n.ref
-            ok = ok and (n.parent is tree.root or n.ref <= n.parent.ref)
-            if not ok or any(c.parent is not n or k != tuple(c.key[: tree.ps]) for k, c in n.children.items()):
-                problems.append(f"bad node: {len(n.key)} tokens, {len(n.pages)} pages, ref {n.ref}")
-            locked, evictable = (locked + len(n.pages), evictable) if n.ref else (locked, evictable + len(n.pages))
-            pages += n.pages
-            stack += n.children.values()
-        if (locked, evictable) != (tree.locked_pages, tree.evictable_pages):
-            problems.append(f"tree counts {tree.locked_pages}/{tree.evictable_pages}, found {locked}/{evictable}")
-    owned = set(pages)
-    for r in s.running:
-        owned.update(r.pages)
-    free = set(s.alloc._free)
-    if len(pages) != len(set(pages)) or owned & free or len(free) != s.alloc.num_free:
-        problems.append("a page is held twice, or held and free")
-    if not s.by_id and len(owned) + len(free) != s.alloc.capacity:
-        problems.append(f"idle, but {s.alloc.capacity - len(owned) - len(free)} pages are neither free nor cached")
-    return {"running": len(s.running), "waiting": len(s.waiting), "requests": len(s.by_id),
-            "sessions": sessions, "pages_total": s.alloc.capacity, "pages_free": s.alloc.num_free,
-            "pages_tree": len(pages), "pages_tree_locked": tree.locked_pages if tree else 0,
-            "pages_evicted": tree.evicted_pages if tree else 0,
-            "free_slots": len(s.free_slots), "max_running": s.max_running,
-            "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": problems}
+    """GET /debug/state (--debug-state): counts and the engine's integrity check, which a test
+    can read from outside the process."""
+    st = engine.stats()
+    return {"running": st.running, "waiting": st.waiting, "requests": st.requests, "sessions": sessions,
+            "pages_total": st.pages_total, "pages_free": st.pages_free, "pages_used": st.pages_used,
+            "pages_cached": st.pages_cached, "pages_evicted": st.pages_evicted,
+            "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": engine.check()}
 
 
 def _rss() -> int:

@@ -1,53 +1,54 @@
-"""AsyncEngine: the one object both front ends (offline LLM, WebSocket server) drive. It loads the
-model, owns the scheduler coroutine, validates requests and turns prompts into token ids."""
+"""AsyncEngine: the top of the engine stack, the one object every front end (the offline LLM, the
+shell, the server) drives. It loads the model, owns the scheduler coroutine, validates requests
+and turns prompts into token ids. Callers see public values only (aengine.types)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aengine.config import EngineConfig
-from aengine.engine.executor import Executor
-from aengine.engine.runner import ModelRunner
-from aengine.scheduler.request import ContextLengthExceeded, EmitFn, InvalidRequest, Req, SamplingParams
+from aengine.models import model_class
+from aengine.runtime.executor import Executor
+from aengine.runtime.runner import ModelRunner
+from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
 from aengine.tokenizer import Tokenizer
-from aengine.weights import resolve_model
+from aengine.tp.launch import start_tp
+from aengine.types import (
+    ContextLengthExceeded,
+    EmitFn,
+    EngineStats,
+    InvalidRequest,
+    RequestDelta,
+    SamplingParams,
+)
+from aengine.weights import has_tokenizer, load_hf_config, resolve_model
 
 log = logging.getLogger("aengine")
 
 
-@dataclass
-class Delta:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-
-
-def load_hf_config(path: Path) -> object:
-    from transformers import AutoConfig
-
+def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
-        return AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the model config in {str(path)!r}: {e}") from e
+        import uvloop
 
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
 
 
 class AsyncEngine:
-    def __init__(self, cfg: EngineConfig | None = None, **kw: object) -> None:
+    """`executor`: one to use instead of building the model from cfg (the overhead benchmark runs
+    the real scheduler over a stub executor); it must have a runner with page_size, num_pages and
+    max_model_len."""
+
+    def __init__(self, cfg: EngineConfig | None = None, executor: Executor | None = None, **kw: object) -> None:
         cfg = (cfg or EngineConfig()).replace(**kw)
         self.cfg = cfg
         self.path = resolve_model(cfg.model)
         self.hf_config = load_hf_config(self.path)
-        from aengine.models import model_class
-
         model_class(self.hf_config)  # fail early on an unknown architecture
         tok_path = Path(cfg.tokenizer) if cfg.tokenizer else self.path
         if not has_tokenizer(tok_path):
@@ -55,30 +56,29 @@ class AsyncEngine:
             tok_path = resolve_model(None)
         self.tokenizer = Tokenizer(tok_path)
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
-        self.runner, self.executor = self._build_runner(cfg)
+        if executor is not None:
+            self.executor = executor
+        elif cfg.tp > 1 or cfg.nnodes > 1:
+            self.executor = start_tp(cfg, self.hf_config, self.path)
+        else:
+            self.executor = Executor(ModelRunner(cfg, self.hf_config, self.path))
+        self.runner: ModelRunner = self.executor.runner
         self.max_model_len = self.runner.max_model_len
         self.scheduler: Scheduler | None = None
         self.task: asyncio.Task | None = None
-
-    def _build_runner(self, cfg: EngineConfig) -> tuple[ModelRunner, Executor]:
-        if cfg.tp > 1 or cfg.nnodes > 1:
-            from aengine.distributed_launch import start_tp
-
-            return start_tp(cfg, self.hf_config, self.path)
-        runner = ModelRunner(cfg, self.hf_config, self.path)
-        return runner, Executor(runner)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         if self.task is not None:
             return
         r = self.runner
-        self.scheduler = Scheduler(
-            self.executor, self.tokenizer.eos_ids, page_size=r.page_size, num_pages=r.num_pages,
-            max_running=self.cfg.max_running_requests, max_prefill_tokens=self.cfg.max_prefill_tokens,
-            max_model_len=r.max_model_len, cache=self.cfg.cache, overlap=not self.cfg.disable_overlap,
-            mixed=self.cfg.enable_mixed_chunk)
+        self.scheduler = Scheduler(self.cfg, self.executor, self.tokenizer.eos_ids, page_size=r.page_size,
+                                   num_pages=r.num_pages, max_model_len=r.max_model_len)
         self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
+
+    @property
+    def healthy(self) -> bool:
+        return self.task is not None and not self.task.done()
 
     async def shutdown(self) -> None:
         if self.task is None:
@@ -127,7 +127,9 @@ class AsyncEngine:
                                  f"({self.hf_config.vocab_size}); send input_ids instead")
         return list(ids)
 
-    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> Req:
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
+        """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
+        carrying the finish reason and the RequestOutput."""
         if self.scheduler is None or self.task is None:
             raise RuntimeError("engine not started")
         if self.task.done():
@@ -150,13 +152,12 @@ class AsyncEngine:
                 raise InvalidRequest(f"stop_token_ids holds {t}, outside the vocabulary")
         if rid in self.scheduler.by_id:
             raise InvalidRequest(f"request id {rid!r} is already running")
-        req = Req(rid, prompt_ids, params, self.tokenizer.detokenizer(params.stop_list), emit, max_tokens)
-        self.scheduler.add(req)
-        return req
+        self.scheduler.add(Req(rid, prompt_ids, params, self.tokenizer.detokenizer(params.stop_list), emit,
+                               max_tokens))
 
-    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        q: asyncio.Queue[Delta] = asyncio.Queue()
-        self.submit(rid, prompt_ids, params, lambda r, ids, text, fin: q.put_nowait(Delta(ids, text, fin)))
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        q: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self.submit(rid, prompt_ids, params, q.put_nowait)
         try:
             while True:
                 d = await q.get()
@@ -170,12 +171,15 @@ class AsyncEngine:
         if self.scheduler is not None:
             self.scheduler.abort(rid)
 
-    # ---- introspection (metrics, tests) ----------------------------------------------------
-    def kv_usage(self) -> dict[str, int]:
-        s = self.scheduler
-        tree = s.tree
-        return {
-            "capacity": s.alloc.capacity, "free": s.alloc.num_free, "used": s.alloc.num_used,
-            "tree": tree.total_pages if tree else 0, "tree_evictable": tree.evictable_pages if tree else 0,
-            "evicted": tree.evicted_pages if tree else 0,
-        }
+    # ---- introspection (metrics, tests, benchmarks) ----------------------------------------
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats() if self.scheduler is not None else EngineStats()
+
+    def check(self) -> list[str]:
+        """Integrity problems of the KV pages and the prefix cache (an empty list when sound)."""
+        return self.scheduler.check() if self.scheduler is not None else []
+
+    def clear_cache(self) -> None:
+        """Drop what the prefix cache holds that no running request uses."""
+        if self.scheduler is not None:
+            self.scheduler.clear_cache()

@@ -4,6 +4,7 @@ token, and turns one StepInput into sampled token ids on the device."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,9 +13,10 @@ from aengine.attention import ForwardBatch, create_backend, forward_context
 from aengine.cache.pool import KVPool
 from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
-from aengine.engine.sampler import SamplingTensors, sample
-from aengine.engine.step import StepInput
 from aengine.models import model_class
+from aengine.runtime.cuda_graph import CudaGraphs
+from aengine.runtime.sampler import SamplingTensors, sample
+from aengine.runtime.step import StepInput
 from aengine.weights import load_weights
 
 log = logging.getLogger("aengine")
@@ -41,7 +43,12 @@ def attn_names(cfg: EngineConfig, device: torch.device) -> tuple[str, str]:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, hf_config: object, model_path: object) -> None:
+    """`agree` turns this process's KV page count into the one to use: tensor-parallel ranks take
+    the smallest over all ranks (the scheduler sizes requests from one pool), before any buffer
+    is sized from it."""
+
+    def __init__(self, cfg: EngineConfig, hf_config: object, model_path: object,
+                 agree: Callable[[int], int] = lambda n: n) -> None:
         self.cfg, self.hf = cfg, hf_config
         self.device, self.dtype = resolve_device_dtype(cfg)
         prefill_attn, decode_attn = attn_names(cfg, self.device)
@@ -59,7 +66,7 @@ class ModelRunner:
         self.vocab = hf_config.vocab_size
         attn = self.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
-        self.num_pages = cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim)
+        self.num_pages = agree(cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim))
         # every admitted request must fit in the pool alone, so preemption always makes progress
         self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
                                  (self.num_pages - 1) * self.page_size)
@@ -75,9 +82,7 @@ class ModelRunner:
                                else create_backend(decode_attn, **kw))
         self.graphs = None
         if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0:
-            from aengine.engine.cuda_graph import CudaGraphs
-
-            self.graphs = CudaGraphs(self, cfg.cuda_graph_max_bs)
+            self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1))
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
         per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.dtype)
@@ -127,13 +132,13 @@ class ModelRunner:
         fb = ForwardBatch(inp.decode, input_ids, pos, out_loc, d_slots, d_seq, d_qo, d_sidx.long(),
                           inp.seq_lens, inp.extend_lens)
         if self.graphs is not None and inp.decode and self.graphs.can_run(fb):
-            logits = self.graphs.run(fb)
+            hidden = self.graphs.run(fb)
         else:
             backend = self.decode_backend if inp.decode else self.prefill_backend
             backend.prepare(fb)
             with forward_context(backend):
                 hidden = self.model(input_ids, pos)
-            logits = self.model.logits(hidden[fb.sample_idx])
+        logits = self.model.logits(hidden[fb.sample_idx])
         ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
             self.last_tok[d_sslots.long()] = ids

@@ -5,20 +5,17 @@ A graph reads fixed addresses, so each step copies its inputs (ids, positions, K
 static buffers first; the ids come from the runner's last_tok on the device, so overlap
 scheduling keeps working. A batch is padded up to its bucket: padded rows use slot 0, whose
 page-table row points at page 0, the scratch page no request owns. Sampling and the LM head run
-outside the graph (the LM head on the real rows only)."""
+outside the graph (the LM head on the sampled rows only)."""
 
 from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from aengine.attention import ForwardBatch, forward_context
-
-if TYPE_CHECKING:
-    from aengine.engine.runner import ModelRunner
+from aengine.attention import AttentionBackend, ForwardBatch, forward_context
 
 log = logging.getLogger("aengine")
 
@@ -29,17 +26,16 @@ def buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphs:
-    def __init__(self, runner: ModelRunner, max_bs: int) -> None:
-        self.runner = runner
-        self.backend = runner.decode_backend
+    def __init__(self, model: nn.Module, backend: AttentionBackend, max_bs: int) -> None:
+        self.model = model
+        self.backend = backend
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.out: dict[int, torch.Tensor] = {}
         self.sizes: list[int] = []
         if not self.backend.supports_graph:
             log.info("CUDA graphs off: the %s decode backend cannot be captured", type(self.backend).__name__)
             return
-        max_bs = min(max_bs, runner.max_slots - 1)
-        dev = runner.device
+        dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
         self.ids = torch.zeros(max_bs, **i32)
         self.pos = torch.zeros(max_bs, **i64)
@@ -62,7 +58,7 @@ class CudaGraphs:
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
-        model, pool = self.runner.model, torch.cuda.graph_pool_handle()
+        model, pool = self.model, torch.cuda.graph_pool_handle()
         # largest first: the smaller graphs then fit in the memory pool the largest left behind
         for n in reversed(sizes):
             fb = self._fb(n, [1] * n)
@@ -90,6 +86,7 @@ class CudaGraphs:
         return bool(self.sizes) and fb.decode and fb.batch_size <= self.sizes[-1]
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
+        """The final hidden states of fb's rows."""
         b = fb.batch_size
         n = self.sizes[bisect.bisect_left(self.sizes, b)]
         self.ids[:b].copy_(fb.input_ids)
@@ -103,4 +100,4 @@ class CudaGraphs:
             self.seq[b:n].fill_(1)
         self.backend.prepare_graph(self._fb(n, list(fb.seq_lens_cpu) + [1] * (n - b)))
         self.graphs[n].replay()
-        return self.runner.model.logits(self.out[n][:b][fb.sample_idx])
+        return self.out[n][:b]

@@ -1,0 +1,69 @@
+"""Launching a step without blocking the event loop, and awaiting its sampled ids.
+
+CPU: the step runs in one worker thread (steps stay in order). CUDA: kernels are launched from
+the loop thread on the runner's stream, the ids are copied to pinned host memory, and a CUDA
+event is awaited from a helper thread, so the loop keeps serving while the GPU works."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from aengine.runtime.runner import ModelRunner
+from aengine.runtime.step import StepInput
+
+# Errors after which the device is in an unknown state. CUDA errors are sticky: every later
+# kernel fails too. An out-of-memory error mid-step leaves the step's KV writes half done.
+_DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None), torch.OutOfMemoryError) if t)
+
+
+class StepFault(RuntimeError):
+    """A step failed so that the engine's state is no longer trusted (a device error, a dead
+    tensor-parallel rank): the scheduler stops instead of failing only the step's requests."""
+
+
+class Pending:
+    def __init__(self, fut: Future | None = None, ids: torch.Tensor | None = None,
+                 event: torch.cuda.Event | None = None) -> None:
+        self.fut, self.ids, self.event = fut, ids, event
+
+
+class Executor:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.cuda = runner.device.type == "cuda"
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-step")
+
+    def _run(self, inp: StepInput) -> list[int]:
+        self.before_step(inp)
+        return self.runner.step(inp).tolist()
+
+    def before_step(self, inp: StepInput) -> None:
+        """Called just before each step runs here (TP: send it to the other ranks)."""
+
+    def launch(self, inp: StepInput) -> Pending:
+        if not self.cuda:
+            return Pending(fut=self.pool.submit(self._run, inp))
+        try:
+            self.before_step(inp)
+            ids = self.runner.step(inp).to("cpu", non_blocking=True)
+        except _DEVICE_ERRORS as e:
+            raise StepFault(f"{type(e).__name__}: {e}") from e
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(ids=ids, event=event)
+
+    async def result(self, p: Pending) -> list[int]:
+        try:
+            if p.fut is not None:
+                return await asyncio.wrap_future(p.fut)
+            if not p.event.query():
+                await asyncio.get_running_loop().run_in_executor(self.pool, p.event.synchronize)
+            return p.ids.tolist()
+        except _DEVICE_ERRORS as e:
+            raise StepFault(f"{type(e).__name__}: {e}") from e
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)

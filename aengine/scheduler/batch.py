@@ -1,0 +1,40 @@
+"""Turning the chosen (request, tokens) rows into the StepInput the model runner executes."""
+
+from __future__ import annotations
+
+from aengine.runtime.step import StepInput
+from aengine.scheduler.request import Req
+from aengine.types import EngineStats
+
+
+def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, stats: EngineStats) -> StepInput:
+    """The step's StepInput; in a prefill step the first n_decoding rows decode (a mixed step)."""
+    inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [])
+    inp.decoding = n_decoding
+    stats.mixed_steps += n_decoding > 0
+    for i, (req, n) in enumerate(chosen):
+        if i < n_decoding:  # its token is the last one sampled, not known here under overlap
+            inp.input_ids.append(0)
+        elif not decode:
+            inp.input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
+            stats.prefill_tokens += n
+        req.kv_len += n
+        inp.slots.append(req.slot)
+        inp.seq_lens.append(req.kv_len)
+        inp.extend_lens.append(n)
+        if req.synced_pages < len(req.pages):
+            k = len(req.pages) - req.synced_pages
+            inp.pt_rows.extend([req.slot] * k)
+            inp.pt_cols.extend(range(req.synced_pages, len(req.pages)))
+            inp.pt_pages.extend(req.pages[req.synced_pages :])
+            req.synced_pages = len(req.pages)
+        if not req.prefilling:  # this step's last token yields the next output
+            p = req.params
+            inp.sample_rows.append(i)
+            inp.temperature.append(float(p.temperature))
+            inp.top_p.append(float(p.top_p))
+            inp.top_k.append(max(0, p.top_k))
+            inp.min_p.append(float(p.min_p))
+            inp.seeds.append(-1 if p.seed is None else p.seed)
+            req.pending += 1
+    return inp

@@ -1,0 +1,58 @@
+"""Decode steps: a page for every running request whose next token starts one, and preemption
+(the newest requests give their KV back and wait again) when the pool cannot provide them."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from aengine.scheduler.kv import KVManager
+from aengine.scheduler.request import Req
+from aengine.types import EngineStats
+
+
+class DecodePlanner:
+    """Works on the scheduler's own queues (the same list and deque objects)."""
+
+    def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
+                 stats: EngineStats) -> None:
+        self.kv, self.waiting, self.running, self.free_slots, self.stats = kv, waiting, running, free_slots, stats
+
+    def _needs_page(self, r: Req) -> bool:
+        return r.kv_len // self.kv.ps >= len(r.pages)
+
+    def with_pages(self, reqs: list[Req]) -> list[Req]:
+        """Give every request whose next token starts a page that page, if all of them fit (else
+        none: plan(), which can preempt, takes over). Returns the requests ready to decode."""
+        full = [r for r in reqs if self._needs_page(r)]
+        if len(full) > self.kv.available():
+            return []
+        for r, page in zip(full, self.kv.take(len(full))):  # one allocator call for the whole step
+            r.pages.append(page)
+        return reqs
+
+    def plan(self, reqs: list[Req], can_retract: bool) -> list[Req]:
+        """The requests of the next decode step, preempting the newest if pages run short. Empty
+        when it must wait: preemption only happens with no step in flight."""
+        need = sum(1 for r in reqs if self._needs_page(r))
+        if need > self.kv.available():
+            if not can_retract:
+                return []  # drain the in-flight batch first, then preempt
+            reqs = list(reqs)
+            while need > self.kv.available() and len(self.running) > 1:
+                victim = self.running[-1]
+                if victim in reqs:
+                    reqs.remove(victim)
+                    need -= self._needs_page(victim)
+                self.retract(victim)
+        return self.with_pages(reqs)
+
+    def retract(self, victim: Req) -> None:
+        """Preempt: its KV goes back (its computed prefix stays in the tree) and it waits first in line."""
+        self.kv.release(victim)
+        self.free_slots.append(victim.slot)
+        victim.slot = 0
+        victim.fill_ids = victim.all_ids
+        victim.kv_len = 0
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+        self.stats.preemptions += 1

@@ -1,0 +1,69 @@
+"""Admission and chunked prefill: which prompts (and how many of their tokens) go into the next
+prefill step, within its token budget and the free KV pages."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from aengine.scheduler.kv import KVManager
+from aengine.scheduler.request import PREFIX_KEY, Req
+from aengine.types import EngineStats
+
+
+class PrefillPlanner:
+    """Works on the scheduler's own queues (the same list and deque objects)."""
+
+    def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
+                 stats: EngineStats, max_running: int, max_prefill_tokens: int) -> None:
+        self.kv, self.waiting, self.running, self.free_slots = kv, waiting, running, free_slots
+        self.stats, self.max_running, self.max_prefill_tokens = stats, max_running, max_prefill_tokens
+
+    def plan(self, decoding: list[Req]) -> list[tuple[Req, int]] | None:
+        """(request, tokens) rows of a prefill step: `decoding` requests first (a mixed step), one
+        token each, then chunks of running prompts, then newly admitted ones. None: no prompt fits."""
+        budget = self.max_prefill_tokens - len(decoding)
+        chosen: list[tuple[Req, int]] = [(r, 1) for r in decoding]
+        reserve = sum(1 for r in self.running if not r.prefilling)  # next decode step's pages
+        for req in [r for r in self.running if r.prefilling and r.finish_reason is None]:
+            if budget <= 0:
+                break
+            n = self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
+            if n:
+                chosen.append((req, n))
+                budget -= n
+        # Prompts whose opening is being computed right now but is not in the tree yet: a waiting
+        # request that starts the same way waits a step and then reuses that KV (many requests
+        # arriving at once with one system prompt would otherwise all compute it).
+        pending = {r.prefix_key for r in self.running if r.tree_len < PREFIX_KEY} if self.kv.tree else set()
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            req = self.waiting[i]
+            if req.prefix_key is not None and req.prefix_key in pending:
+                i += 1
+                continue
+            need = -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps)
+            if need + reserve > self.kv.available() and (self.running or chosen):
+                break  # wait for memory rather than thrash
+            if not self._admit(req):
+                break
+            del self.waiting[i]
+            if req.tree_len < PREFIX_KEY:
+                pending.add(req.prefix_key)
+            n = self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
+            if n == 0:
+                break
+            chosen.append((req, n))
+            budget -= n
+        return chosen if len(chosen) > len(decoding) else None
+
+    def _admit(self, req: Req) -> bool:
+        """Give a waiting request a slot and its cached prefix."""
+        if not self.free_slots or len(self.running) >= self.max_running:
+            return False
+        self.kv.attach_prefix(req)
+        if not req.output_ids:
+            req.cached_tokens = req.kv_len
+        self.stats.cache_hit_tokens += req.kv_len
+        req.slot = self.free_slots.pop()
+        self.running.append(req)
+        return True

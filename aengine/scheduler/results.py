@@ -1,0 +1,37 @@
+"""A step's sampled token for a request: whether it ends the request, and the public values
+(RequestDelta, RequestOutput) the request's caller receives."""
+
+from __future__ import annotations
+
+import time
+
+from aengine.scheduler.request import Req
+from aengine.types import RequestDelta, RequestOutput
+
+
+def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
+    """Add tok to req's output; returns the finish reason it causes, if any."""
+    t = time.monotonic()
+    if not req.output_ids:
+        req.t_first = t
+    req.t_last = t
+    req.output_ids.append(tok)
+    p = req.params
+    if (tok in eos_ids and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids):
+        return "stop"
+    if req.detok.add(tok):
+        return "stop"
+    if len(req.output_ids) >= req.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= max_model_len:
+        return "length"
+    return None
+
+
+def output(req: Req, reason: str) -> RequestOutput:
+    ms = lambda t: (t - req.t_arrival) * 1e3  # noqa: E731
+    return RequestOutput(req.rid, req.detok.text, list(req.output_ids), reason, len(req.prompt_ids),
+                         req.cached_tokens, req.prompt_ids, ms(req.t_first) if req.t_first else 0.0,
+                         ms(req.t_last or req.t_arrival))
+
+
+def emit(req: Req, ids: list[int], text: str, reason: str | None = None) -> None:
+    req.emit(RequestDelta(ids, text, reason, output(req, reason) if reason is not None else None))

@@ -1,0 +1,111 @@
+"""Starting tensor parallelism: checks before any process starts, spawning this node's rank
+processes, and building rank 0 (the server process). With --nnodes > 1 every node runs
+`tp / nnodes` ranks; the first process on each node is its local rank 0 and spawns the rest,
+and only node 0 serves."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from aengine.config import EngineConfig
+from aengine.distributed import set_tp
+from aengine.runtime.runner import resolve_device_dtype
+from aengine.tp.executor import TPExecutor, stop_procs
+from aengine.tp.rank import Rank, rank_main, use_loopback
+from aengine.weights import load_hf_config, resolve_model
+
+log = logging.getLogger("aengine")
+
+
+def check_tp(cfg: EngineConfig, hf_config: Any) -> int:
+    """Clear errors before any process starts; returns the ranks per node."""
+    tp, nn = cfg.tp, cfg.nnodes
+    if tp < 1 or nn < 1 or tp % nn:
+        raise ValueError(f"--tp {tp} must be a positive multiple of --nnodes {nn}")
+    if not 0 <= cfg.node_rank < nn:
+        raise ValueError(f"--node-rank {cfg.node_rank} is outside [0, {nn})")
+    if nn > 1 and not cfg.dist_init_addr:
+        raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"--tp {tp} does not divide the model's {heads} attention heads")
+    if kv % tp and tp % kv:
+        raise ValueError(f"--tp {tp} and the model's {kv} KV heads do not divide one another")
+    if hf_config.intermediate_size % tp:
+        raise ValueError(f"--tp {tp} does not divide the MLP size {hf_config.intermediate_size}")
+    local = tp // nn
+    device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
+    if device.type == "cuda" and torch.cuda.device_count() < local:
+        raise ValueError(f"--tp {tp} over {nn} node(s) needs {local} GPUs per node; "
+                         f"this node has {torch.cuda.device_count()}")
+    return local
+
+
+def _init_method(cfg: EngineConfig) -> str:
+    if cfg.dist_init_addr:
+        return f"tcp://{cfg.dist_init_addr}"
+    with socket.socket() as s:  # single node: any free loopback port
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _spawn(cfg: EngineConfig, hf_config: Any, path: Path, local: int, init_method: str) -> list[Any]:
+    ctx = mp.get_context("spawn")  # fork is unsafe with CUDA and with the loop's threads
+    procs = []
+    for lr in range(1, local):
+        rank = cfg.node_rank * local + lr
+        p = ctx.Process(target=rank_main, args=(cfg, hf_config, path, rank, lr, init_method),
+                        name=f"aengine-tp{rank}", daemon=True)
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
+    """Rank 0 (node 0's server process): spawn this node's other ranks, join the process
+    group, and build the rank-0 runner. Other nodes run `run_worker_node`."""
+    if cfg.node_rank != 0:
+        raise ValueError("only node 0 serves; run the other nodes with run_worker_node")
+    local = check_tp(cfg, hf_config)
+    init_method = _init_method(cfg)
+    use_loopback(init_method)  # before spawning: children inherit the environment
+    procs = _spawn(cfg, hf_config, path, local, init_method)
+    try:
+        rank = Rank(cfg, hf_config, path, 0, 0, init_method, procs)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        stop_procs(procs)
+        set_tp(0, 1, None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    return TPExecutor(rank, procs)
+
+
+def run_worker_node(cfg: EngineConfig) -> int:
+    """Nodes 1..nnodes-1: run this node's ranks until node 0 shuts down; returns an exit code."""
+    path = resolve_model(cfg.model)
+    hf_config = load_hf_config(path)
+    local = check_tp(cfg, hf_config)
+    init_method = _init_method(cfg)
+    use_loopback(init_method)
+    procs = _spawn(cfg, hf_config, path, local, init_method)
+    code = 0
+    try:
+        Rank(cfg, hf_config, path, cfg.node_rank * local, 0, init_method).loop()
+    except Exception as e:
+        log.error("TP rank %d: %s", cfg.node_rank * local, str(e).splitlines()[0] if str(e) else e)
+        code = 1
+        for p in procs:
+            p.kill()
+    stop_procs(procs)
+    return 1 if code or any(p.exitcode for p in procs) else 0

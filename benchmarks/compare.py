@@ -1,6 +1,6 @@
-"""Engine vs peer, side by side with ratios, from the JSON lines that offline.py and peers/hf.py write
-(--json FILE appends one line per figure). Rows are grouped by workload; each engine row is divided
-by the best successful peer row of the same workload and machine.
+"""Engine vs peer, side by side with ratios, from the JSON lines that offline.py and the peers
+(peers/hf.py, peers/mini_sglang.py) write (--json FILE appends one line per figure). Rows are grouped by
+workload; each engine row is divided by the best successful peer row of the same workload and machine.
 
   python benchmarks/compare.py figures.jsonl peers.jsonl
   python benchmarks/compare.py figures.jsonl --json -    # the table as JSON too
@@ -20,6 +20,7 @@ from benchmarks.common import emit_json  # noqa: E402
 
 METRICS = {"w1": ("tok_per_s",), "w2": ("tok_per_s", "decode_tok_per_s", "ttft_ms")}
 LOWER_IS_BETTER = {"ttft_ms"}
+PEERS = {"hf", "mini-sglang"}  # rows of these engines are peers; any other row is aengine
 
 
 def read(paths: list[str]) -> list[dict[str, Any]]:
@@ -38,6 +39,8 @@ def read(paths: list[str]) -> list[dict[str, Any]]:
 def label(r: dict[str, Any]) -> str:
     if r.get("engine") == "hf":
         return f"hf {r.get('mode')} [{r.get('attn')}]"
+    if r.get("engine") == "mini-sglang":
+        return f"mini-sglang [{r.get('attn')}]" + ("" if r.get("overlap", True) else " no-overlap")
     parts = [f"attn={r.get('attn')}", "overlap" if r.get("overlap", True) else "no-overlap"]
     if r.get("cache") == "none":
         parts.append("no-cache")
@@ -49,8 +52,8 @@ def label(r: dict[str, Any]) -> str:
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for wl, metrics in METRICS.items():
-        engine = [r for r in rows if r.get("workload") == wl and r.get("engine", "aengine") != "hf"]
-        peers = [r for r in rows if r.get("workload") == wl and r.get("engine") == "hf" and "error" not in r]
+        engine = [r for r in rows if r.get("workload") == wl and r.get("engine", "aengine") not in PEERS]
+        peers = [r for r in rows if r.get("workload") == wl and r.get("engine") in PEERS and "error" not in r]
         for m in metrics:
             cands = [p for p in peers if m in p]
             best = None
@@ -74,7 +77,7 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", help="JSON lines from offline.py / peers/hf.py")
+    ap.add_argument("files", nargs="+", help="JSON lines from offline.py / peers/*.py")
     ap.add_argument("--json", nargs="?", const="-", default=None)
     args = ap.parse_args(argv)
     rows = table(read(args.files))

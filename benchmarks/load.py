@@ -4,7 +4,7 @@ library (clients/client.py), streaming every request.
 Arrivals: Poisson at --request-rate (requests/s; several comma-separated rates make several runs;
 "inf" sends everything at once), optionally capped at --concurrency requests in flight.
 Workloads:
-  random        W1-like: prompts of random ids as input_ids, random max_tokens, ignore_eos (PERF.md)
+  random        W1-like: prompts of random ids as input_ids, random max_tokens, ignore_eos (docs/benchmarks.md)
   shared-prefix W3: --groups groups, each a --prefix-len-token shared prefix + distinct --question-len
                 question, --output-len tokens each
   chat          multi-turn chat: each conversation runs --turns turns as `messages`, each turn resending

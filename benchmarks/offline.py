@@ -1,6 +1,6 @@
 """Offline benchmarks through aengine.LLM (the same scheduler as the server).
 
-W1, offline throughput (PERF.md): 256 prompts of random ids, lengths and max_tokens drawn with
+W1, offline throughput (docs/benchmarks.md): 256 prompts of random ids, lengths and max_tokens drawn with
 random.seed(0); temperature 0.6, ignore_eos; 133,966 output tokens on the default settings.
 W2, single-stream decode: batch 1, a 128-token prompt, 512 output tokens; plus the time to the
 first token of a 1,024-token prompt.
@@ -31,7 +31,7 @@ from aengine import LLM, SamplingParams  # noqa: E402
 
 
 def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int]) -> tuple[list, list]:
-    random.seed(0)  # all prompts first, then all max_tokens, as PERF.md defines W1
+    random.seed(0)  # all prompts first, then all max_tokens, as docs/benchmarks.md defines W1
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(*input_len))] for _ in range(n)]
     max_tokens = [random.randint(*output_len) for _ in range(n)]
     return prompts, max_tokens

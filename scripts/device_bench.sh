@@ -38,7 +38,7 @@ Q06=benchmarks/configs/qwen3-0.6b
 L8=benchmarks/configs/llama-3.1-8b
 for s in $stages; do
   case $s in
-    w1-peer)  # HF continuous batching, both attention names PERF.md mentions; plain generate on 64 prompts
+    w1-peer)  # HF continuous batching, both attention names docs/benchmarks.md mentions; plain generate on 64 prompts
       step "w1 peer generate_batch" peers.log python3 benchmarks/peers/hf.py --workload w1 --model $Q06 \
         --mode generate_batch --attn "paged|sdpa,paged|flash_attention_4" --no-progress --json "$OUT/peers.jsonl"
       step "w1 peer generate" peers.log python3 benchmarks/peers/hf.py --workload w1 --model $Q06 \

@@ -2,7 +2,7 @@
 # The whole GPU run, on the device, from the project root: install the carried wheels, compile
 # flashinfer's kernels, run the GPU tests, then the benchmarks; logs and a JSON line per figure
 # go to $OUT (default ./device-out). Stages to run are the arguments (default: all of them):
-#   jit tests w1-fi w1-fa w2-fi w2-fa tp fa-debug
+#   jit tests w1-fi w1-fa w2-fi w2-fa tp
 # (tp needs two GPUs: tp=2 logits against tp=1, W6 at tp=1 and tp=2, and a tp=2 server under load)
 # A stage starts only while the run is younger than $BUDGET_S seconds (default 540), so that one
 # call ends inside the device's 10-minute limit with its logs intact.
@@ -46,9 +46,6 @@ for s in $stages; do
       bench "$s overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2
       bench "$s no-overlap" --workload w2 --model benchmarks/configs/llama-3.1-8b --attn "$a" --repeats 2 \
         --disable-overlap ;;
-    fa-debug) log "every FA call of an engine run against fp32 (scripts/fa_debug.py)"
-      timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 scripts/fa_debug.py --pages 128,64,16 --out "$OUT" \
-        > "$OUT/fa-debug.log" 2>&1; log "  rc=$? $(grep '^page' "$OUT/fa-debug.log" | tr '\n' ';')" ;;
     tp) log "tp=2 logits vs tp=1 (Qwen3-8B shape)"
       timeout $(( BUDGET_S + 30 - ($(date +%s) - T0) )) python3 -m pytest -m gpu -v -rsP tests/test_gpu.py -k tp2 \
         -p no:cacheprovider $PT_TIMEOUT 2>&1 | tee "$OUT/tp-tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" \

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# aengine beside Mini-SGLang on one GPU machine, in one call, from the project root. Stages are the
+# arguments (default: peer w1 profile tests); each starts only while the run is younger than
+# $BUDGET_S seconds (default 540) so that one call ends inside a 10-minute limit with its logs.
+#   peer      Mini-SGLang's own offline benchmark (W1) through the peer kit in ./.peer
+#             (run_peer.sh; it also compiles the flashinfer kernels both engines use)
+#   w1        aengine W1, overlap on and off (benchmarks/offline.py)
+#   w1-base   W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
+#   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
+#   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
+#   tests     the GPU tests
+# Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
+# $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
+# compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
+set -uo pipefail
+OUT=${OUT:-device-out}
+LOGS=/tmp/aengine-logs
+mkdir -p "$OUT" "$LOGS"
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-540}
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOGS/run.log"; }
+left() { (( $(date +%s) - T0 < BUDGET_S )); }
+remaining() { echo $(( BUDGET_S + 40 - ($(date +%s) - T0) )); }
+. scripts/device_env.sh
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+stages=${*:-peer w1 profile tests}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOGS/run.log"
+log "commit $COMMIT; stages: $stages"
+Q06=benchmarks/configs/qwen3-0.6b
+L8=benchmarks/configs/llama-3.1-8b
+PEERPATH=/tmp/site:$PWD/.peer/mini-sglang/python
+peer_env() {  # what run_peer.sh exports for Mini-SGLang's own JIT kernels
+  export TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-peer TVM_FFI_CUDA_ARCH_LIST=${TVM_FFI_CUDA_ARCH_LIST:-9.0}
+}
+run() {  # run NAME LOGFILE CMD...: one command under the budget; its last line goes to run.log
+  local name=$1 logf=$2; shift 2
+  left || { log "skip $name (budget)"; return; }
+  log "$name"
+  timeout -k 10 "$(remaining)" "$@" >> "$LOGS/$logf" 2>&1
+  log "  rc=$? $(grep -v '^{' "$LOGS/$logf" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)"
+}
+bench() { run "$1" bench.log python3 benchmarks/offline.py --load-format dummy --tokenizer .tok --no-progress \
+  --json "$LOGS/figures.jsonl" "${@:2}"; }
+for s in $stages; do
+  case $s in
+    peer) left || continue
+      log "peer: Mini-SGLang W1 (run_peer.sh)"
+      OUT=$LOGS/peer PEER_PROJ=$PWD PEER_BUDGET=$(( $(remaining) - 60 )) timeout -k 10 "$(remaining)" \
+        bash .peer/run_peer.sh > "$LOGS/peer.log" 2>&1
+      log "  rc=$? $(grep -E '^PEER (OK|FAILED)' "$LOGS/peer.log" | tail -n 1)"
+      [ -f "$LOGS/peer/peer-minisgl.jsonl" ] && cat "$LOGS/peer/peer-minisgl.jsonl" >> "$LOGS/figures.jsonl" ;;
+    w1) bench "w1 overlap" --workload w1 --model $Q06
+        bench "w1 no-overlap" --workload w1 --model $Q06 --disable-overlap ;;
+    w1-base) run "w1 of .base" bench.log env COMMIT="base" python3 .base/benchmarks/offline.py --load-format dummy \
+        --tokenizer .tok --no-progress --json "$LOGS/figures.jsonl" --workload w1 --model $Q06 ;;
+    w2) bench "w2" --workload w2 --model $L8 --repeats 2
+        if [ -d .peer ]; then
+          mkdir -p /tmp/l8 && cp $L8/config.json .tok/* /tmp/l8/
+          peer_env
+          run "w2 peer" peer-w2.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/peers/mini_sglang.py \
+            --workload w2 --model /tmp/l8 --json "$LOGS/figures.jsonl"
+        fi ;;
+    profile) run "profile aengine" profile.log python3 benchmarks/step_profile.py --model $Q06 --load-format dummy \
+        --tokenizer .tok --json "$LOGS/profile.jsonl"
+      if [ -d .peer ] && [ -d /tmp/q06 ]; then
+        peer_env
+        run "profile mini-sglang" profile.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/step_profile.py \
+          --engine minisgl --model /tmp/q06 --quarter --json "$LOGS/profile.jsonl"
+      fi ;;
+    tests) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
+      run "gpu tests" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT
+      grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log" ;;
+    *) log "unknown stage $s" ;;
+  esac
+done
+[ -f "$LOGS/figures.jsonl" ] && python3 benchmarks/compare.py "$LOGS/figures.jsonl" 2>&1 | tee "$LOGS/compare.txt"
+so=$(cd /tmp/fi/.cache/flashinfer 2>/dev/null && find . -name '*.so' | head -n 50)
+if [ -n "$so" ]; then
+  (cd /tmp/fi/.cache/flashinfer/*/*/cached_ops && find . -name '*.so' | tar czf - -T -) \
+    | split -b 16000000 - "$OUT/fi_so.tgz.part-"
+fi
+log "done"
+cp "$LOGS"/run.log "$LOGS"/figures.jsonl "$LOGS"/compare.txt "$OUT"/ 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
+grep -h "^PROF\|tok/s" "$LOGS"/profile.log 2>/dev/null | tail -n 40
+ls -la "$OUT"

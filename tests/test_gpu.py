@@ -285,6 +285,49 @@ def test_fused_sampling_top_k_1_is_greedy() -> None:
     assert torch.equal(sample(logits, st).long(), logits.argmax(-1))
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("shape", [(16, 8, 128, True), (32, 8, 128, False), (9, 3, 64, False), (4, 4, 64, True)])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_fused_qkv_store_matches_torch(shape: tuple[int, int, int, bool], tokens: int) -> None:
+    """layers/qkv_store.py against the torch ops it replaces (RMSNorm per head, rotary, the pool
+    writes) on random bf16 data and scattered cache rows: q and both caches within bf16 rounding,
+    and no cache row written but the given ones."""
+    from aengine.layers.norm import RMSNorm
+    from aengine.layers.qkv_store import qkv_norm_rope_store
+    from aengine.layers.rotary import RotaryEmbedding
+
+    nq, nkv, d, norm = shape
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(tokens)
+    with torch.device(dev):
+        rot = RotaryEmbedding(d, 4096, 1e6, {})
+        qn, kn = RMSNorm(d, 1e-6).to(bf), RMSNorm(d, 1e-6).to(bf)
+    qn.weight.data.uniform_(0.5, 1.5)
+    kn.weight.data.uniform_(0.5, 1.5)
+    qkv = torch.randn(tokens, (nq + 2 * nkv) * d, dtype=bf, device=dev) * 3
+    pos = torch.randint(0, 4000, (tokens,), device=dev)
+    loc = torch.randperm(1000, device=dev)[:tokens]
+    kc, vc = (torch.full((1000, nkv, d), float("nan"), dtype=bf, device=dev) for _ in range(2))
+    q = qkv_norm_rope_store(qkv, pos, loc, rot.cos_sin, nq, nkv, d, kc, vc, qn.weight if norm else None,
+                            kn.weight if norm else None, 1e-6)
+    rq, rk, rv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+    rq, rk, rv = rq.reshape(tokens, nq, d), rk.reshape(tokens, nkv, d), rv.reshape(tokens, nkv, d)
+    if norm:
+        rq, rk = qn._norm(rq.float()).to(bf), kn._norm(rk.float()).to(bf)
+    cos, sin = rot.cos_sin[pos].unsqueeze(1).chunk(2, dim=-1)
+    rot_ref = lambda x: torch.cat([x.float()[..., : d // 2] * cos - x.float()[..., d // 2 :] * sin,  # noqa: E731
+                                   x.float()[..., d // 2 :] * cos + x.float()[..., : d // 2] * sin], -1)
+    assert rel(q, rot_ref(rq)) < 1e-2
+    assert rel(kc[loc], rot_ref(rk)) < 1e-2
+    assert torch.equal(vc[loc], rv)
+    others = torch.ones(1000, dtype=torch.bool, device=dev)
+    others[loc] = False
+    assert torch.isnan(kc[others]).all() and torch.isnan(vc[others]).all()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3-mixed"])
 def test_fp32_torch_backend_equals_hf(arch: str, llama_dir: str, qwen3_dir: str) -> None:
     """qwen3-mixed: 32-token prefill chunks with the decode rows riding along (--enable-mixed-chunk),

@@ -36,7 +36,10 @@ class ForwardBatch:
 class AttentionBackend:
     """Writes each layer's new K/V into the paged pool and attends over the cached context."""
 
-    supports_graph = False  # decode can be captured in a CUDA graph (see engine/cuda_graph.py)
+    supports_graph = False  # decode can be captured in a CUDA graph (see runtime/cuda_graph.py)
+    # the model may write K/V into the pool itself, fused with norm and rotary (layers/qkv_store.py),
+    # and call attend(); the torch backend stays unfused: the reference the fused path is tested against
+    fused_store = False
 
     def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **_: object) -> None:
         self.pool, self.page_table, self.num_heads = pool, page_table, num_heads
@@ -46,6 +49,12 @@ class AttentionBackend:
         self.fb = fb
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """Store this step's k, v in the pool, then attend."""
+        self.pool.store(layer, self.fb.out_loc, k, v)
+        return self.attend(q, layer)
+
+    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [T, heads, head_dim] over the pool, this step's K/V already stored."""
         raise NotImplementedError
 
     def init_graph(self, max_bs: int) -> None:

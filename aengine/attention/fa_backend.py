@@ -13,6 +13,8 @@ from aengine.cache.pool import KVPool
 
 
 class FlashAttnBackend(AttentionBackend):
+    fused_store = True
+
     def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **kw: object) -> None:
         super().__init__(pool, page_table, num_heads)
         try:
@@ -36,9 +38,8 @@ class FlashAttnBackend(AttentionBackend):
         if not self.cute:
             self.cu_k = torch.nn.functional.pad(fb.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         fb = self.fb
-        self.pool.store(layer, fb.out_loc, k, v)
         kc, vc = self.pool.k[layer], self.pool.v[layer]
         q = q.contiguous()
         if self.cute:

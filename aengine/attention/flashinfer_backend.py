@@ -18,6 +18,7 @@ PREFILL_KERNEL = "fa2"  # the sm90 "fa3" variant doubles the first-use compile f
 
 class FlashInferBackend(AttentionBackend):
     supports_graph = True
+    fused_store = True
 
     def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **kw: object) -> None:
         super().__init__(pool, page_table, num_heads)
@@ -80,8 +81,7 @@ class FlashInferBackend(AttentionBackend):
         super().prepare(fb)
         self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        self.pool.store(layer, self.fb.out_loc, k, v)
+    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         return self.wrapper.run(q.contiguous(), (self.pool.k[layer], self.pool.v[layer]))
 
     def init_graph(self, max_bs: int) -> None:

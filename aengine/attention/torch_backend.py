@@ -20,12 +20,11 @@ class TorchBackend(AttentionBackend):
             self.kv_idx.append((pages[:, None] * ps + offs).flatten()[:n])
         self.qo = fb.qo_indptr.tolist()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         fb = self.fb
-        self.pool.store(layer, fb.out_loc, k, v)
         kc, vc = self.pool.flat(layer)
         out = torch.empty_like(q)
-        group = q.shape[1] // k.shape[1]
+        group = q.shape[1] // kc.shape[1]
         for i, n in enumerate(fb.seq_lens_cpu):
             s, e = self.qo[i], self.qo[i + 1]
             qi = q[s:e].transpose(0, 1)  # [H, q, D]

@@ -14,6 +14,8 @@ from aengine.layers.activation import silu_and_mul
 from aengine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from aengine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from aengine.layers.norm import RMSNorm
+from aengine.layers.qkv_store import available as fused_qkv_available
+from aengine.layers.qkv_store import qkv_norm_rope_store
 from aengine.layers.rotary import RotaryEmbedding, rope_params
 
 
@@ -32,9 +34,21 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         theta, rp = rope_params(cfg)
         self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, theta, rp)
+        half = self.head_dim // 2
+        self.fusable = half & (half - 1) == 0  # the fused kernel tiles half a head: a power of two
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        backend = current()
+        if backend.fused_store and self.fusable and fused_qkv_available(qkv):
+            k_cache, v_cache = backend.pool.flat(self.layer)
+            norm = self.q_norm is not None
+            q = qkv_norm_rope_store(qkv, positions, backend.fb.out_loc, self.rotary.cos_sin, self.n_local,
+                                    self.n_kv_local, self.head_dim, k_cache, v_cache,
+                                    self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                                    self.q_norm.eps if norm else 0.0)
+            o = backend.attend(q, self.layer)
+            return self.o_proj(o.reshape(o.shape[0], -1))
         q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
         q = q.view(-1, self.n_local, self.head_dim)
         k = k.view(-1, self.n_kv_local, self.head_dim)
@@ -105,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden).float()
+        return self.lm_head.logits(hidden)  # the model's dtype: the sampler widens only where it must
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         modules = dict(self.named_modules())

@@ -159,6 +159,7 @@ class ModelRunner:
             min_p=f[2],
             seeds=seeds,
             all_greedy=not any(t > 0 for t in inp.temperature),
+            any_greedy=not all(t > 0 for t in inp.temperature),
             need_topk=any(k > 0 for k in inp.top_k),
             need_topp=any(p < 1.0 for p in inp.top_p),
             need_minp=any(p > 0 for p in inp.min_p),

@@ -21,18 +21,21 @@ class SamplingTensors:
     need_topk: bool
     need_topp: bool
     need_minp: bool
+    any_greedy: bool = True  # some row has temperature 0
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """logits [S, V] float32 -> token ids [S] int32."""
-    greedy = logits.argmax(-1)
+    """logits [S, V] in the model's dtype -> token ids [S] int32. Widening to float32 happens in
+    the temperature division (one kernel: bf16 / fp32 gives fp32); argmax needs no widening."""
     if st.all_greedy:
-        return greedy.int()
+        return logits.argmax(-1).int()
+    greedy = logits.argmax(-1) if st.any_greedy else None
     temp = st.temperature.unsqueeze(1)
+    scaled = logits / torch.where(temp > 0, temp, 1.0)
     fi = flashinfer() if logits.is_cuda and not st.seeds and not st.need_minp else None
     if fi is not None:
-        return _sample_fused(fi, logits / torch.where(temp > 0, temp, 1.0), st, greedy)
-    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0), dim=-1)
+        return _sample_fused(fi, scaled, st, greedy)
+    probs = torch.softmax(scaled, dim=-1)
     if st.need_minp:
         probs = probs.masked_fill(probs < st.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
     if st.need_topk or st.need_topp:
@@ -52,10 +55,10 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         g = torch.Generator(device=probs.device).manual_seed((seed * 1_000_003 + pos) & 0x7FFF_FFFF_FFFF_FFFF)
         noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
     drawn = (probs / noise).argmax(-1)
-    return torch.where(st.temperature > 0, drawn, greedy).int()
+    return (drawn if greedy is None else torch.where(st.temperature > 0, drawn, greedy)).int()
 
 
-def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy: torch.Tensor) -> torch.Tensor:
+def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy: torch.Tensor | None) -> torch.Tensor:
     """flashinfer's sampling kernels: one pass over the vocabulary instead of a sort and several
     elementwise passes. Unseeded rows only: seeded ones need the per-row generators above."""
     if st.need_topk or st.need_topp:
@@ -64,4 +67,4 @@ def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy:
             torch.softmax(scaled, dim=-1), k, st.top_p, filter_apply_order="joint")
     else:
         drawn = fi.sampling.sampling_from_logits(scaled)
-    return torch.where(st.temperature > 0, drawn.long(), greedy).int()
+    return (drawn if greedy is None else torch.where(st.temperature > 0, drawn.long(), greedy)).int()

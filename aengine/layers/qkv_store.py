@@ -1,0 +1,84 @@
+"""One Triton kernel for what sits between the QKV projection and attention: the per-head RMSNorm
+of q and k (Qwen3), rotary embedding, and the write of k and v into the paged KV pool.
+
+Unfused, that is a q norm, a k norm, a rotary kernel, two index_put scatters and a copy that makes
+q contiguous: on W1's prefill steps (8k tokens, Qwen3-0.6B) 11 ms of a 26 ms step, mostly
+flashinfer's RMSNorm, which is slow on 128-wide rows (benchmarks/RESULTS.md, the profile).
+Here one program per token reads its q, k, v heads once and writes q (contiguous) and the
+cache rows. CUDA half precision only, like the other fused kernels (layers/fused.py): fp32 and
+the CPU keep the plain torch path, the reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install has no Triton; nothing here runs there
+    triton = None
+
+
+def available(x: torch.Tensor) -> bool:
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and not os.environ.get("AENGINE_NO_FUSED"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _heads(src, dst, stride_dst, cos, sin, w_ptr, eps, NH: tl.constexpr, BH: tl.constexpr,
+               HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr):
+        """NH heads of 2*HALF values at src -> dst (head h at dst + h * stride_dst)."""
+        h = tl.arange(0, BH)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        mask = h < NH
+        x1 = tl.load(src + h * 2 * HALF + d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + h * 2 * HALF + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        if NORM:  # rows normalised in fp32, rounded once, as flashinfer's RMSNorm does
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+            w1 = tl.load(w_ptr + d).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+            x1 = (x1 * r * w1).to(dst.dtype.element_ty).to(tl.float32)
+            x2 = (x2 * r * w2).to(dst.dtype.element_ty).to(tl.float32)
+        if ROPE:  # rotate-half (HF Llama/Qwen) layout
+            x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        tl.store(dst + h * stride_dst + d, x1.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + h * stride_dst + HALF + d, x2.to(dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qkv_kernel(qkv, stride_t, pos_ptr, loc_ptr, cos_sin, qw, kw, eps, q_out, k_cache, v_cache,
+                    NQ: tl.constexpr, NKV: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
+                    HALF: tl.constexpr, NORM: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        loc = tl.load(loc_ptr + t).to(tl.int64)
+        d = tl.arange(0, HALF)[None, :]
+        cos = tl.load(cos_sin + pos * 2 * HALF + d)
+        sin = tl.load(cos_sin + pos * 2 * HALF + HALF + d)
+        src = qkv + t * stride_t
+        D: tl.constexpr = 2 * HALF
+        _heads(src, q_out + t * NQ * D, D, cos, sin, qw, eps, NQ, BQ, HALF, NORM, True)
+        _heads(src + NQ * D, k_cache + loc * NKV * D, D, cos, sin, kw, eps, NKV, BKV, HALF, NORM, True)
+        _heads(src + (NQ + NKV) * D, v_cache + loc * NKV * D, D, cos, sin, kw, eps, NKV, BKV, HALF, False, False)
+
+
+def qkv_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor, cos_sin: torch.Tensor,
+                        n_q: int, n_kv: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """qkv [T, (n_q + 2 n_kv) * head_dim] -> q [T, n_q, head_dim], normalised (when weights are given)
+    and rotated; k (normalised, rotated) and v are written to rows out_loc of the flat caches
+    [slots, n_kv, head_dim]."""
+    t = qkv.shape[0]
+    q = torch.empty(t, n_q, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if t == 0:
+        return q
+    norm = q_weight is not None
+    _qkv_kernel[(t,)](
+        qkv, qkv.stride(0), positions, out_loc, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
+        q, k_cache, v_cache, NQ=n_q, NKV=n_kv, BQ=triton.next_power_of_2(n_q), BKV=triton.next_power_of_2(n_kv),
+        HALF=head_dim // 2, NORM=norm, num_warps=4)
+    return q

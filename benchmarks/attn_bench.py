@@ -1,0 +1,150 @@
+"""Paged decode attention, one layer's call, on W1's decode shape (Qwen3-0.6B: 16 query heads, 8 KV heads,
+head dim 128, bf16) through flashinfer's kernels, to choose the engine's decode kernel and page size.
+Each cell: GPU µs (median), KV bandwidth (B*L*kv_heads*head_dim*2*2 bytes), and the relative error vs the
+CUDA-core page-16 output on the same data (that cell itself: vs an fp32 torch computation); plan() host µs too.
+  python benchmarks/attn_bench.py [--fa3] [--json attn.jsonl]  # ~1 min on an H200 after JIT compiles (fa3: ~80 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as python3 benchmarks/attn_bench.py
+
+import torch  # noqa: E402
+
+from benchmarks.common import emit_json, machine  # noqa: E402
+
+QO_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
+LAYERS = 28  # one plan per step serves every layer: the per-step estimate is plan + 28 runs
+WORKSPACE_BYTES = 256 << 20  # what aengine/attention/flashinfer_backend.py gives flashinfer
+POOLS, MIN_POOL_BYTES = 4, 256 << 20  # runs rotate over 4 K+V pools of >= 5x the 50 MB L2: no run reads from cache
+WARMUP, PLAN_REPS = 10, 20
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """fp32 attention, one query per sequence; query head h reads KV head h // group, as in flashinfer."""
+    b, _, h, d = k.shape
+    s = torch.einsum("bhgd,blhd->bhgl", q.float().view(b, h, -1, d), k.float()) * d**-0.5
+    return torch.einsum("bhgl,blhd->bhgd", s.softmax(-1), v.float()).reshape(b, -1, d)
+
+
+def layout(k_tok: torch.Tensor, v_tok: torch.Tensor, ps: int, g: torch.Generator) -> dict[str, Any]:
+    """The same tokens in a pool of page size ps, each sequence's pages at random ids (a used pool's are
+    scattered, and locality would flatter the kernels); host indptr/last_page_len pinned, ids on the device."""
+    b, L, dev = k_tok.shape[0], k_tok.shape[1], k_tok.device
+    npg = -(-L // ps)
+    pages = max(b * npg, MIN_POOL_BYTES // (ps * KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2))
+    ids = torch.randperm(pages, device=dev, generator=g)[: b * npg].to(torch.int32)
+    pos = torch.arange(L, device=dev)
+    slots = (ids.view(b, npg)[:, pos // ps].long() * ps + pos % ps).view(-1)
+    flat = torch.zeros(2, pages * ps, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev)
+    flat[:, slots] = torch.stack((k_tok, v_tok)).view(2, -1, KV_HEADS, HEAD_DIM)
+    k, v = flat.view(2, pages, ps, KV_HEADS, HEAD_DIM).unbind()  # flashinfer "NHD", the engine's pool layout
+    pin = dict(dtype=torch.int32, pin_memory=True)
+    indptr, last = torch.arange(0, (b + 1) * npg, npg, **pin), torch.full((b,), L - (npg - 1) * ps, **pin)
+    return {"pools": [(k, v)] + [(k.clone(), v.clone()) for _ in range(POOLS - 1)],
+            "plan": (indptr, ids, last, QO_HEADS, KV_HEADS, HEAD_DIM, ps), "qo": torch.arange(b + 1, **pin)}
+
+
+def host_us(fn: Any) -> float:
+    fn()  # the first call loads (or JIT-compiles) the kernel module: not a per-step cost
+    ts = []
+    for _ in range(PLAN_REPS):
+        torch.cuda.synchronize()  # the previous plan's async upload of its schedule must land before we overwrite it
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    return statistics.median(ts) * 1e6
+
+
+def gpu_us(w: Any, q: torch.Tensor, pools: list, reps: int) -> float:
+    for i in range(WARMUP):
+        w.run(q, pools[i % POOLS])
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    # the GPU sleeps while Python queues every rep, so the events time the kernels, not launch overhead
+    torch.cuda._sleep(reps * 1_000_000)
+    for i, (a, z) in enumerate(ev):
+        a.record()
+        w.run(q, pools[i % POOLS])
+        z.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(z) for a, z in ev) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=ints, default=[64, 128, 212, 256], help="batch sizes B")
+    ap.add_argument("--ctx", type=int, default=800, help="every sequence's context length L")
+    ap.add_argument("--long", type=int, default=1500, help="one more row at the largest B with this L (0: none)")
+    ap.add_argument("--page-sizes", type=ints, default=[1, 16, 64, 256])
+    ap.add_argument("--reps", type=int, default=50, help="timed runs per variant (the median is reported)")
+    ap.add_argument("--fa3", action="store_true", help="also the sm90 prefill kernel (compiles ~80 s on first use)")
+    ap.add_argument("--json", default=None, help="append one JSON line per variant to this file ('-': stdout)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("attn_bench: needs a CUDA GPU, and torch sees none", file=sys.stderr)
+        sys.exit(2)
+    import flashinfer as fi
+    dev = torch.device("cuda")
+    ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)  # shared, as the engine's wrappers share it
+    wrappers = {"cuda": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False),
+                "tc": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True),
+                "fa2": fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")}
+    if args.fa3:
+        wrappers["fa3"] = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
+    sizes = sorted(args.page_sizes, key=lambda p: p != 16)  # the reference page size (16, else the first) first
+    shapes = [(b, args.ctx) for b in args.batch] + ([(max(args.batch), args.long)] if args.long else [])
+    info = {"bench": "attn_decode", "qo_heads": QO_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+            "dtype": "bfloat16", "flashinfer": fi.__version__, "reps": args.reps, **machine()}
+    rows: list[dict] = []
+    for b, L in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        k_tok, v_tok = (torch.randn(b, L, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g) for _ in "kv")
+        q = torch.randn(b, QO_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g)
+        ref = exact(q, k_tok, v_tok)  # replaced by the CUDA-core reference page size output once that is computed
+        for ps in sizes:
+            lay = layout(k_tok, v_tok, ps, g)
+            for kind, w in wrappers.items():
+                dec = kind in ("cuda", "tc")  # else the prefill kernel with one query row per sequence
+                a, kw = (lay["plan"], {}) if dec else ((lay["qo"], *lay["plan"]), {"causal": False})
+                plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=DTYPE, **kw))
+                out = w.run(q, lay["pools"][0]).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                if (kind, ps) == ("cuda", sizes[0]):
+                    ref = out
+                us = gpu_us(w, q, lay["pools"], args.reps)
+                tbs = b * L * KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize / us / 1e6
+                rows.append(r := {"batch": b, "ctx": L, "page_size": ps, "kernel": kind, "us": us, "tb_per_s": tbs,
+                                  "rel_err": err, "plan_us": plan_us, **info})
+                emit_json(r, args.json)
+    n, big = len(wrappers), max(args.batch)
+    print(f"\nflashinfer {fi.__version__}, {info.get('card', '?')}: one layer, {QO_HEADS} q / {KV_HEADS} kv heads x "
+          f"{HEAD_DIM} bf16; cuda/tc = decode(use_tensor_cores=False/True), fa2/fa3 = prefill(backend=), 1 query/seq")
+    print(f"cell: GPU µs (median of {args.reps}), KV TB/s, rel err vs cuda ps={sizes[0]} (that cell: vs fp32 torch)")
+    print(f"{'B':>4} {'L':>5} {'ps':>4} | " + " | ".join(f"{k:^21}" for k in wrappers))
+    for i in range(0, len(rows), n):
+        print(f"{rows[i]['batch']:4d} {rows[i]['ctx']:5d} {rows[i]['page_size']:4d} | " + " | ".join(
+            f"{r['us']:7.1f} {r['tb_per_s']:5.2f} {r['rel_err']:7.1e}" for r in rows[i : i + n]))
+    top = [r for r in rows if (r["batch"], r["ctx"]) == (big, args.ctx)]
+    print(f"plan() host µs, B={big} L={args.ctx}, ps {'/'.join(map(str, sizes))}: " + " | ".join(
+        k + " " + "/".join(f"{r['plan_us']:.0f}" for r in top if r["kernel"] == k) for k in wrappers))
+    for b, L in shapes:
+        r = min((r for r in rows if (r["batch"], r["ctx"]) == (b, L)), key=lambda r: r["us"])
+        print(f"best B={b} L={L}: {r['kernel']} ps={r['page_size']} {r['us']:.1f} µs ({r['tb_per_s']:.2f} TB/s); "
+              f"x{LAYERS} layers + plan = {(LAYERS * r['us'] + r['plan_us']) / 1e3:.2f} ms/step")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@
 #   w1-base   W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
-#   tests     the GPU tests
+#   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
+#   attn      benchmarks/attn_bench.py: flashinfer decode variants on W1's decode shape
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -70,7 +71,11 @@ for s in $stages; do
       fi ;;
     tests) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
       run "gpu tests" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT
-      grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log" ;;
+      grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log"
+      if grep -q "FAILED.*test_fused_qkv_store" "$LOGS/gpu-tests.log"; then
+        export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"
+      fi ;;
+    attn) run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" ;;
     *) log "unknown stage $s" ;;
   esac
 done
@@ -83,5 +88,7 @@ fi
 log "done"
 cp "$LOGS"/run.log "$LOGS"/figures.jsonl "$LOGS"/compare.txt "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
-grep -h "^PROF\|tok/s" "$LOGS"/profile.log 2>/dev/null | tail -n 40
+sed -n '/^kind /,/^total/p' "$LOGS"/profile.log 2>/dev/null | cut -c1-150
+tail -n 25 "$LOGS"/attn.log 2>/dev/null
+grep -E "FAILED|Error" "$LOGS"/gpu-tests.log 2>/dev/null | head -n 10
 ls -la "$OUT"

@@ -33,9 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        def bad(msg: str) -> InvalidRequest:
-            return InvalidRequest(msg)
-
+        bad = InvalidRequest
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \

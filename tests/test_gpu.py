@@ -311,8 +311,8 @@ def test_fused_qkv_store_matches_torch(shape: tuple[int, int, int, bool], tokens
     pos = torch.randint(0, 4000, (tokens,), device=dev)
     loc = torch.randperm(1000, device=dev)[:tokens]
     kc, vc = (torch.full((1000, nkv, d), float("nan"), dtype=bf, device=dev) for _ in range(2))
-    q = qkv_norm_rope_store(qkv, pos, loc, rot.cos_sin, nq, nkv, d, kc, vc, qn.weight if norm else None,
-                            kn.weight if norm else None, 1e-6)
+    q = qkv_norm_rope_store(qkv, pos, loc, rot.cos_sin, nq, nkv, kc, vc, qn if norm else None,
+                            kn if norm else None)
     rq, rk, rv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
     rq, rk, rv = rq.reshape(tokens, nq, d), rk.reshape(tokens, nkv, d), rv.reshape(tokens, nkv, d)
     if norm:
@@ -326,6 +326,26 @@ def test_fused_qkv_store_matches_torch(shape: tuple[int, int, int, bool], tokens
     others = torch.ones(1000, dtype=torch.bool, device=dev)
     others[loc] = False
     assert torch.isnan(kc[others]).all() and torch.isnan(vc[others]).all()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_sampling_draws_from_softmax() -> None:
+    """The one-pass Gumbel-max sampler: temperature-0 rows are the argmax; other rows' tokens follow
+    softmax(logits / T) (40,000 draws over 8 tokens: every frequency within 0.01), and a batch of
+    long rows split into chunks still finds each row's argmax."""
+    from aengine.runtime.sampler import _sample_triton
+
+    torch.manual_seed(0)
+    base = torch.randn(8, device="cuda") * 2
+    logits = base.repeat(40_000, 1).to(torch.bfloat16)
+    temp = torch.full((40_000,), 0.7, device="cuda")
+    temp[:16] = 0.0
+    ids = _sample_triton(logits, temp)
+    assert (ids[:16] == logits[0].float().argmax()).all()
+    freq = torch.bincount(ids[16:].long(), minlength=8).float() / (40_000 - 16)
+    assert (freq - torch.softmax(logits[0].float() / 0.7, -1)).abs().max() < 0.01
+    big = torch.randn(3, 151_936, device="cuda").to(torch.bfloat16)
+    assert torch.equal(_sample_triton(big, torch.zeros(3, device="cuda")).long(), big.float().argmax(-1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3-mixed"])

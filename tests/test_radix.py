@@ -31,6 +31,14 @@ def tree_map(tree: RadixCache) -> dict[tuple[int, ...], int]:
     return out
 
 
+def nodes(tree: RadixCache) -> list:
+    out, stack = [], list(tree.root.children.values())
+    while stack:
+        out.append(stack.pop())
+        stack.extend(out[-1].children.values())
+    return out
+
+
 class RadixMachine(RuleBasedStateMachine):
     @initialize(ps=st.sampled_from([1, 2, 4]), n=st.integers(4, 40))
     def setup(self, ps: int, n: int) -> None:
@@ -45,8 +53,14 @@ class RadixMachine(RuleBasedStateMachine):
 
     @rule(t=tokens)
     def match(self, t: list[int]) -> None:
+        shape = lambda: (sorted(tree_map(self.tree).items()), sorted(len(n.key) for n in nodes(self.tree)),  # noqa: E731
+                         [n.last_access for n in nodes(self.tree)])
+        before = shape()
+        predicted = self.tree.match_len(t)
+        assert shape() == before and not self.tree.check()[1], "match_len changed the tree (split or LRU time)"
         pages, node = self.tree.match(t)
         best = max(k for k in range(0, self._aligned(t) + 1, self.ps) if k == 0 or tuple(t[:k]) in self.model)
+        assert predicted == best, "match_len is not the longest cached prefix"
         assert len(pages) * self.ps == best, "match is not the longest cached prefix"
         assert pages == [self.model[tuple(t[: (i + 1) * self.ps])] for i in range(len(pages))]
 

@@ -54,8 +54,10 @@ class RadixCache:
         node.key, node.pages, node.parent = node.key[n:], node.pages[n // self.ps :], upper
         return upper
 
-    def _walk(self, tokens: list[int]) -> tuple[Node, list[int], int]:
-        """Follow tokens down the tree; (deepest node fully matched, its path's pages, tokens matched)."""
+    def _walk(self, tokens: list[int], touch: bool = True) -> tuple[Node, list[int], int]:
+        """Follow tokens down the tree; (deepest node fully matched, its path's pages, tokens matched).
+        touch=False changes nothing (no split, no LRU refresh), for estimates about requests that
+        may not be admitted; the node and pages then stop before a partly matched edge."""
         node, pages, i, now = self.root, [], 0, time.monotonic()
         limit = len(tokens) - len(tokens) % self.ps
         tokens = tokens[:limit]
@@ -65,27 +67,18 @@ class RadixCache:
                 break
             n = self._common(child.key, tokens, i)
             if n < len(child.key):
+                if not touch:
+                    return node, pages, i + n
                 child = self._split(child, n)
-            child.last_access = now
+            if touch:
+                child.last_access = now
             pages.extend(child.pages)
             node, i = child, i + n
         return node, pages, i
 
     def match_len(self, tokens: list[int]) -> int:
-        """Tokens of the longest cached page-aligned prefix, without touching the tree (no split, no
-        LRU refresh): for estimates about requests that may not be admitted."""
-        node, i = self.root, 0
-        limit = len(tokens) - len(tokens) % self.ps
-        while i < limit:
-            child = node.children.get(tuple(tokens[i : i + self.ps]))
-            if child is None:
-                break
-            n = self._common(child.key, tokens, i)
-            i += n
-            if n < len(child.key):
-                break
-            node = child
-        return i
+        """Tokens of the longest cached page-aligned prefix, leaving the tree as it is."""
+        return self._walk(tokens, touch=False)[2]
 
     def match(self, tokens: list[int]) -> tuple[list[int], Node]:
         """Longest cached page-aligned prefix of tokens: its pages and its last node."""

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from aengine.layers.norm import RMSNorm
+
 try:
     import triton
     import triton.language as tl
@@ -66,19 +68,16 @@ if triton is not None:
 
 
 def qkv_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor, cos_sin: torch.Tensor,
-                        n_q: int, n_kv: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                        eps: float = 1e-6) -> torch.Tensor:
-    """qkv [T, (n_q + 2 n_kv) * head_dim] -> q [T, n_q, head_dim], normalised (when weights are given)
-    and rotated; k (normalised, rotated) and v are written to rows out_loc of the flat caches
-    [slots, n_kv, head_dim]."""
-    t = qkv.shape[0]
-    q = torch.empty(t, n_q, head_dim, dtype=qkv.dtype, device=qkv.device)
+                        n_q: int, n_kv: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
+    """qkv [T, (n_q + 2 n_kv) * head_dim] -> q [T, n_q, head_dim], normalised (with the norms) and
+    rotated; k (normalised, rotated) and v go to rows out_loc of the flat caches [slots, n_kv, head_dim]."""
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    q = torch.empty(t, n_q, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
-    norm = q_weight is not None
-    _qkv_kernel[(t,)](
-        qkv, qkv.stride(0), positions, out_loc, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
-        q, k_cache, v_cache, NQ=n_q, NKV=n_kv, BQ=triton.next_power_of_2(n_q), BKV=triton.next_power_of_2(n_kv),
-        HALF=head_dim // 2, NORM=norm, num_warps=4)
+    qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (qkv, qkv)  # unread without norms
+    _qkv_kernel[(t,)](qkv, qkv.stride(0), positions, out_loc, cos_sin, qw, kw, q_norm.eps if q_norm else 0.0,
+                      q, k_cache, v_cache, NQ=n_q, NKV=n_kv, BQ=triton.next_power_of_2(n_q),
+                      BKV=triton.next_power_of_2(n_kv), HALF=d // 2, NORM=q_norm is not None, num_warps=4)
     return q

@@ -41,22 +41,18 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         backend = current()
         if backend.fused_store and self.fusable and fused_qkv_available(qkv):
-            k_cache, v_cache = backend.pool.flat(self.layer)
-            norm = self.q_norm is not None
             q = qkv_norm_rope_store(qkv, positions, backend.fb.out_loc, self.rotary.cos_sin, self.n_local,
-                                    self.n_kv_local, self.head_dim, k_cache, v_cache,
-                                    self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                                    self.q_norm.eps if norm else 0.0)
+                                    self.n_kv_local, *backend.pool.flat(self.layer), self.q_norm, self.k_norm)
             o = backend.attend(q, self.layer)
-            return self.o_proj(o.reshape(o.shape[0], -1))
-        q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
-        q = q.view(-1, self.n_local, self.head_dim)
-        k = k.view(-1, self.n_kv_local, self.head_dim)
-        v = v.view(-1, self.n_kv_local, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = current().forward(q, k, v, self.layer)
+        else:
+            q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
+            q = q.view(-1, self.n_local, self.head_dim)
+            k = k.view(-1, self.n_kv_local, self.head_dim)
+            v = v.view(-1, self.n_kv_local, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+            o = backend.forward(q, k, v, self.layer)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
 

@@ -82,7 +82,7 @@ def peer_commit() -> str:
         return os.environ["MINISGL_COMMIT"]
     import minisgl
 
-    f = Path(minisgl.__file__).resolve().parents[3] / "MINISGL_COMMIT.txt"  # kit/mini-sglang/python/minisgl
+    f = Path(list(minisgl.__path__)[0]).resolve().parents[2] / "MINISGL_COMMIT.txt"  # kit/mini-sglang/python/minisgl
     return f.read_text().split()[0][:12] if f.is_file() else "unknown"
 
 

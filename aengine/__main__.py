@@ -30,6 +30,8 @@ HELP = {
     "cache": "prefix cache: radix (share KV of common prefixes) or none",
     "max_running_requests": "most requests in the running batch",
     "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
+    "max_prefill_tokens_decoding": "prompt tokens per prefill step while running requests wait to decode: smaller "
+                                   "chunks bound their inter-token latency (0: --max-prefill-tokens)",
     "max_model_len": "context length in tokens (0: the model's max_position_embeddings)",
     "disable_overlap": "run one batch at a time instead of launching batch N+1 before processing batch N",
     "enable_mixed_chunk": "put every running request's next token into prefill steps instead of alternating "

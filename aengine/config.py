@@ -23,6 +23,7 @@ class EngineConfig:
     # scheduling
     max_running_requests: int = 256
     max_prefill_tokens: int = 8192  # prompt tokens per step (chunked prefill budget)
+    max_prefill_tokens_decoding: int = 0  # the budget while running requests wait to decode (0: the same)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     disable_overlap: bool = False
     enable_mixed_chunk: bool = False  # decode rows ride along in prefill steps instead of alternating

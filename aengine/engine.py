@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class AsyncEngine:
 
     def __init__(self, cfg: EngineConfig | None = None, executor: Executor | None = None, **kw: object) -> None:
         cfg = (cfg or EngineConfig()).replace(**kw)
-        self.cfg = cfg
+        self.cfg, t0 = cfg, time.perf_counter()
         self.path = resolve_model(cfg.model)
         self.hf_config = load_hf_config(self.path)
         model_class(self.hf_config)  # fail early on an unknown architecture
@@ -55,6 +56,7 @@ class AsyncEngine:
             log.warning("no tokenizer in %s; using the embedded model's tokenizer", tok_path)
             tok_path = resolve_model(None)
         self.tokenizer = Tokenizer(tok_path)
+        t_tok = time.perf_counter()
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
         if executor is not None:
             self.executor = executor
@@ -64,6 +66,7 @@ class AsyncEngine:
             self.executor = Executor(ModelRunner(cfg, self.hf_config, self.path))
         self.runner: ModelRunner = self.executor.runner
         self.max_model_len = self.runner.max_model_len
+        log.info("engine ready in %.1f s (tokenizer and config %.1f s)", time.perf_counter() - t0, t_tok - t0)
         self.scheduler: Scheduler | None = None
         self.task: asyncio.Task | None = None
 

@@ -10,6 +10,11 @@
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
 #   attn      benchmarks/attn_bench.py: flashinfer decode variants on W1's decode shape
+#   startup   engine start-up time, with the engine's own breakdown (INFO log)
+#   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
+#   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
+#             commas for spaces (w4:--max-prefill-tokens,2048)
+#   fp8       W1 and W2 with --kv-cache-dtype fp8_e4m3
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -76,6 +81,18 @@ for s in $stages; do
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"
       fi ;;
     attn) run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" ;;
+    startup) run "startup" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
+t = time.perf_counter(); from aengine import LLM; llm = LLM('$Q06', load_format='dummy', tokenizer='.tok'); \
+print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()" ;;
+    w2-profile) run "w2 profile" w2-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
+        --tokenizer .tok --num-prompts 1 --input-len 128,128 --output-len 512,512 --window 100,100 ;;
+    w4|w4:*) extra=${s#w4}; extra=${extra#:}; extra=${extra//,/ }
+      run "w4 ${extra:-default}" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
+        --spawn "--model $Q06 --load-format dummy --tokenizer .tok $extra" --request-rate 32,inf \
+        --connections 16 --label "W4 ${extra:-default}" --json "$LOGS/w4.jsonl"
+      grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
+    fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
+         bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
     *) log "unknown stage $s" ;;
   esac
 done

@@ -37,6 +37,9 @@ def reference(embedded):
     dict(cache="radix", max_prefill_tokens=16, enable_mixed_chunk=True),
     dict(cache="none", max_prefill_tokens=32, page_size=4, enable_mixed_chunk=True, disable_overlap=True),
     dict(cache="radix", kv_cache_tokens=260, max_prefill_tokens=64, enable_mixed_chunk=True),
+    # short prefill chunks only while others decode
+    dict(cache="radix", max_prefill_tokens=64, max_prefill_tokens_decoding=8),
+    dict(cache="radix", max_prefill_tokens=32, max_prefill_tokens_decoding=8, enable_mixed_chunk=True),
 ])
 def test_same_greedy_outputs(kw, reference, llm_check):
     llm = LLM(dtype="float32", device="cpu", **kw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class CudaGraphs:
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
-        model, pool = self.model, torch.cuda.graph_pool_handle()
+        model, pool, t0 = self.model, torch.cuda.graph_pool_handle(), time.perf_counter()
         # largest first: the smaller graphs then fit in the memory pool the largest left behind
         for n in reversed(sizes):
             fb = self._fb(n, [1] * n)
@@ -71,7 +72,8 @@ class CudaGraphs:
                     self.out[n] = model(fb.input_ids, fb.positions)
             self.graphs[n] = g
         self.sizes = sizes
-        log.info("captured %d CUDA graphs for decode batches up to %d", len(sizes), sizes[-1])
+        log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
+                 time.perf_counter() - t0)
 
     def release(self) -> None:
         """Free the graphs. Graphs that captured NCCL collectives keep its communicator busy, and

@@ -14,14 +14,15 @@ class PrefillPlanner:
     """Works on the scheduler's own queues (the same list and deque objects)."""
 
     def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
-                 stats: EngineStats, max_running: int, max_prefill_tokens: int) -> None:
+                 stats: EngineStats, max_running: int) -> None:
         self.kv, self.waiting, self.running, self.free_slots = kv, waiting, running, free_slots
-        self.stats, self.max_running, self.max_prefill_tokens = stats, max_running, max_prefill_tokens
+        self.stats, self.max_running = stats, max_running
 
-    def plan(self, decoding: list[Req]) -> list[tuple[Req, int]] | None:
-        """(request, tokens) rows of a prefill step: `decoding` requests first (a mixed step), one
-        token each, then chunks of running prompts, then newly admitted ones. None: no prompt fits."""
-        budget = self.max_prefill_tokens - len(decoding)
+    def plan(self, decoding: list[Req], budget: int) -> list[tuple[Req, int]] | None:
+        """(request, tokens) rows of a prefill step of `budget` tokens: `decoding` requests first (a
+        mixed step), one token each, then chunks of running prompts, then newly admitted ones.
+        None: no prompt fits."""
+        budget -= len(decoding)
         chosen: list[tuple[Req, int]] = [(r, 1) for r in decoding]
         reserve = sum(1 for r in self.running if not r.prefilling)  # next decode step's pages
         for req in [r for r in self.running if r.prefilling and r.finish_reason is None]:

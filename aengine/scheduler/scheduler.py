@@ -51,7 +51,7 @@ class Scheduler:
         self.by_id: dict[str, Req] = {}
         self.counters = EngineStats()
         self.prefill = PrefillPlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters,
-                                      cfg.max_running_requests, cfg.max_prefill_tokens)
+                                      cfg.max_running_requests)
         self.decode = DecodePlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters)
         self.last_was_prefill = False
         self._wake = asyncio.Event()
@@ -137,15 +137,17 @@ class Scheduler:
         decodable = [r for r in self.running if not r.prefilling and r.finish_reason is None
                      and len(r.output_ids) + r.pending < r.max_tokens]
         want_prefill = self.waiting or any(r.prefilling for r in self.running)
-        if want_prefill and decodable and self.cfg.enable_mixed_chunk \
-                and len(decodable) < self.cfg.max_prefill_tokens:
+        budget = self.cfg.max_prefill_tokens
+        if decodable and self.cfg.max_prefill_tokens_decoding:  # decodes wait behind this step: keep it short
+            budget = min(budget, self.cfg.max_prefill_tokens_decoding)
+        if want_prefill and decodable and self.cfg.enable_mixed_chunk and len(decodable) < budget:
             ready = self.decode.with_pages(decodable)
-            chosen = self.prefill.plan(ready) if ready else None
+            chosen = self.prefill.plan(ready, budget) if ready else None
             if chosen is not None:
                 self.last_was_prefill = False  # the running requests advanced too
                 return self._build(chosen, decode=False, n_decoding=len(ready))
         if want_prefill and (not self.last_was_prefill or not decodable):
-            chosen = self.prefill.plan([])
+            chosen = self.prefill.plan([], budget)
             if chosen is not None:
                 self.last_was_prefill = True
                 return self._build(chosen, decode=False)

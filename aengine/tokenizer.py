@@ -13,7 +13,8 @@ class Tokenizer:
     def __init__(self, path: Path) -> None:
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(str(path))
+        # a local directory: never ask the hub (offline machines would wait on its timeouts)
+        self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.eos_ids = _eos_ids(path, self.hf)
 
     def encode(self, text: str) -> list[int]:

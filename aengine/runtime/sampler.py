@@ -37,7 +37,9 @@ class SamplingTensors:
 
 if triton is not None:
 
-    @triton.jit
+    # Triton compiles a variant per divisibility of each int argument; these change with the batch
+    # size and every step (the seed), and a compile in the middle of serving stalls every stream
+    @triton.jit(do_not_specialize=["seed", "V", "per", "NCHUNK"])
     def _gumbel_max(logits, stride, temp, seed, V, per, out_v, out_i, NCHUNK, BLOCK: tl.constexpr):
         """Row r, chunk c: the best (logit / T + Gumbel noise) and its index in the chunk's columns.
         Temperature 0: no noise, the plain argmax."""

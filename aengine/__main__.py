@@ -28,6 +28,9 @@ HELP = {
     "kv_cache_tokens": "KV pool size in tokens on CPU",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV pool",
     "cache": "prefix cache: radix (share KV of common prefixes) or none",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype) or fp8_e4m3 (float8, twice the tokens in the same "
+                      "memory; per-layer k/v scales from the checkpoint, else 1.0; backends torch and fi; "
+                      "fp8 is an alias) (default: auto)",
     "max_running_requests": "most requests in the running batch",
     "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
     "max_prefill_tokens_decoding": "prompt tokens per prefill step while running requests wait to decode: smaller "
@@ -58,7 +61,8 @@ HELP = {
     "debug_state": "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)",
     "drain_seconds": "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled",
 }
-CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"]}
+CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"],
+           "kv_cache_dtype": ["auto", "fp8_e4m3", "fp8"]}
 
 
 def _base_type(tp: Any) -> Any:

@@ -20,6 +20,7 @@ class EngineConfig:
     kv_cache_tokens: int = 32768  # CPU default pool size in tokens
     gpu_memory_utilization: float = 0.85
     cache: str = "radix"  # radix | none
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3 (scales from the checkpoint, else 1.0)
     # scheduling
     max_running_requests: int = 256
     max_prefill_tokens: int = 8192  # prompt tokens per step (chunked prefill budget)

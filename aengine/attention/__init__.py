@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import torch
+
 from aengine.attention.base import AttentionBackend, ForwardBatch, current, forward_context
+
+FP8_KV = ("torch", "fi")  # backends that read a float8 KV cache
+
+
+def check_kv_dtype(names: tuple[str, ...], dtype: torch.dtype) -> None:
+    """Refuse, in one line, a backend that cannot read the KV cache's dtype (at start-up)."""
+    bad = sorted({n for n in names if n not in FP8_KV and n in ("fa",)})  # unknown names: create_backend says
+    if dtype == torch.float8_e4m3fn and bad:
+        raise ValueError(f"--kv-cache-dtype fp8_e4m3 needs --attn fi or torch: the {'/'.join(bad)} backend "
+                         "cannot read an FP8 KV cache")
 
 
 def create_backend(name: str, **kw: object) -> AttentionBackend:
@@ -21,4 +33,4 @@ def create_backend(name: str, **kw: object) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r} (torch, fi, fa)")
 
 
-__all__ = ["AttentionBackend", "ForwardBatch", "create_backend", "current", "forward_context"]
+__all__ = ["AttentionBackend", "ForwardBatch", "check_kv_dtype", "create_backend", "current", "forward_context"]

@@ -11,11 +11,17 @@ import torch
 from aengine.attention.base import AttentionBackend, ForwardBatch
 from aengine.cache.pool import KVPool
 
+# flash-attn reads FP8 K/V only with FP8 queries (FA3's descale path), not bf16 q over an FP8 cache
+FP8_REFUSED = ("--kv-cache-dtype fp8_e4m3 needs --attn fi or torch: the fa (flash-attn) backend cannot "
+               "read an FP8 KV cache")
+
 
 class FlashAttnBackend(AttentionBackend):
     fused_store = True
 
     def __init__(self, pool: KVPool, page_table: torch.Tensor, num_heads: int, **kw: object) -> None:
+        if pool.fp8:
+            raise ValueError(FP8_REFUSED)
         super().__init__(pool, page_table, num_heads)
         try:
             from flash_attn.cute import flash_attn_varlen_func

@@ -2,7 +2,14 @@
 shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers.
 
 The pool's per-layer [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD"
-paged layout as they are, so the kernels read our pages directly."""
+paged layout as they are, so the kernels read our pages directly.
+
+FP8 KV (--kv-cache-dtype fp8_e4m3): both wrappers are planned with q_data_type = the model dtype
+and kv_data_type = float8_e4m3fn, so the kernels read FP8 pages and upcast them in shared memory
+(decode: the CUDA-core kernel, or the tensor-core one, which is the fa2 prefill kernel; prefill:
+fa2, which takes bf16 q over FP8 KV; the sm90 fa3 kernel wants FP8 q as well). run() takes the
+layer's k_scale and v_scale as Python floats: k_scale is folded into the softmax scale, and a
+v_scale other than 1.0 costs one in-place multiply of the output."""
 
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ class FlashInferBackend(AttentionBackend):
         self.fi = flashinfer
         self.device = pool.k.device
         self.kv_heads, self.head_dim = pool.k.shape[-2], pool.k.shape[-1]
+        # queries (and outputs) in the model dtype; the pool's dtype is the model's unless it is FP8
+        self.q_dtype = kw.get("q_dtype") or (torch.bfloat16 if pool.fp8 else pool.k.dtype)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # tensor-core decode (the prefill kernel with one query row) wins once a KV head serves
         # 4+ query heads; below that the CUDA-core decode kernel is as fast
@@ -66,13 +75,13 @@ class FlashInferBackend(AttentionBackend):
         # it almost always has: the step before that one has been awaited)
         if self.planned is not None:
             self.planned.synchronize()
-        dt = self.pool.k.dtype
+        dt = dict(q_data_type=self.q_dtype, kv_data_type=self.pool.k.dtype)
         if fb.decode:
             wrapper.plan(kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
-                         self.pool.page_size, q_data_type=dt, kv_data_type=dt)
+                         self.pool.page_size, **dt)
         else:
             wrapper.plan(qo, kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
-                         self.pool.page_size, causal=True, q_data_type=dt, kv_data_type=dt)
+                         self.pool.page_size, causal=True, **dt)
         self.planned = torch.cuda.Event()
         self.planned.record()
         self.wrapper = wrapper
@@ -82,7 +91,10 @@ class FlashInferBackend(AttentionBackend):
         self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
     def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.wrapper.run(q.contiguous(), (self.pool.k[layer], self.pool.v[layer]))
+        kv = (self.pool.k[layer], self.pool.v[layer])
+        if not self.pool.fp8:
+            return self.wrapper.run(q.contiguous(), kv)
+        return self.wrapper.run(q.contiguous(), kv, k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer])
 
     def init_graph(self, max_bs: int) -> None:
         i32 = dict(dtype=torch.int32, device=self.device)

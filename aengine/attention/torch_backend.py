@@ -1,5 +1,6 @@
 """Reference attention in plain torch (CPU and CUDA): gather each sequence's K/V from its pages
-and run SDPA with a causal mask offset by the cached prefix. Slow and obviously right."""
+(dequantized to the query's dtype when the cache is FP8) and run SDPA with a causal mask offset
+by the cached prefix. Slow and obviously right."""
 
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ class TorchBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         fb = self.fb
-        kc, vc = self.pool.flat(layer)
         out = torch.empty_like(q)
-        group = q.shape[1] // kc.shape[1]
+        group = q.shape[1] // self.pool.k.shape[-2]
         for i, n in enumerate(fb.seq_lens_cpu):
             s, e = self.qo[i], self.qo[i + 1]
             qi = q[s:e].transpose(0, 1)  # [H, q, D]
-            ki = kc[self.kv_idx[i]].transpose(0, 1).repeat_interleave(group, 0)
-            vi = vc[self.kv_idx[i]].transpose(0, 1).repeat_interleave(group, 0)
+            ki, vi = self.pool.read(layer, self.kv_idx[i], q.dtype)
+            ki = ki.transpose(0, 1).repeat_interleave(group, 0)
+            vi = vi.transpose(0, 1).repeat_interleave(group, 0)
             qlen = e - s
             # query j sits at absolute position n - qlen + j and sees keys up to it
             ar = torch.arange(n, device=q.device)

@@ -1,32 +1,105 @@
-"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim]."""
+"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim].
+
+In the model dtype, or as float8_e4m3fn (`--kv-cache-dtype fp8_e4m3`): half the bytes per token,
+so the same memory holds twice the tokens. FP8 K/V carry one scale per layer for K and one for V
+(stored = k / k_scale, read = stored * k_scale): per layer because that is what checkpoints ship
+(`k_scale`/`v_scale`, one number per attention layer) and what flashinfer's kernels take (a
+scalar folded into the softmax scale, and one product on the output), so a finer grain would
+buy nothing the kernels can use. Without checkpoint scales every scale is 1.0 (see docs/gpu.md)."""
 
 from __future__ import annotations
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; quantization saturates here (CUDA's cast would give NaN)
+KV_DTYPES = {"fp8_e4m3": FP8, "fp8": FP8}
+
+
+def kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's dtype for --kv-cache-dtype NAME."""
+    if name == "auto":
+        return model_dtype
+    if name not in KV_DTYPES:
+        raise ValueError(f"unknown --kv-cache-dtype {name!r} (auto, fp8_e4m3)")
+    return KV_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """What /metrics and the start-up log call it: fp8_e4m3, bfloat16, float32, ..."""
+    return "fp8_e4m3" if dtype == FP8 else str(dtype).removeprefix("torch.")
+
+
+def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even); in fp32 first, as
+    the fused write (layers/qkv_store.py) does."""
+    x = x.float()
+    if scale != 1.0:
+        x = x / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
 
 class KVPool:
     def __init__(
         self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None,
     ) -> None:
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
+        self.fp8 = dtype == FP8
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
         # Zeroed on the GPU (a memset, cheap): kernels that load a whole page tile must not meet
         # NaN/Inf bit patterns in its unwritten slots. On the CPU only written slots are read, and
         # zeroing gigabytes there costs seconds at start-up.
         alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
-        self.k = alloc(shape, dtype=dtype, device=device)
-        self.v = alloc(shape, dtype=dtype, device=device)
+        # FP8 storage is allocated as bytes and viewed as float8: every op that moves FP8 rows
+        # (the zero fill, the scatter in store, the gather in read) runs on the uint8 view, which
+        # every torch build supports on every device
+        store = torch.uint8 if self.fp8 else dtype
+        self.k = alloc(shape, dtype=store, device=device).view(dtype)
+        self.v = alloc(shape, dtype=store, device=device).view(dtype)
+        # per layer (k_scale, v_scale): floats for the attention kernels, a [layers, 2] fp32
+        # tensor for the fused KV write (read on the device: no host value in a captured graph)
+        sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
+        if len(sc) != num_layers:
+            raise ValueError(f"{len(sc)} KV scale pairs for {num_layers} layers")
+        if not self.fp8:
+            sc = [(1.0, 1.0)] * num_layers  # a 16/32-bit cache stores K and V as they are
+        self.k_scale = [float(k) for k, _ in sc]
+        self.v_scale = [float(v) for _, v in sc]
+        self.scales = torch.tensor(sc, dtype=torch.float32, device=device).view(num_layers, 2)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def capacity(self) -> int:
+        """Tokens the pool holds (page 0, the scratch page for padded rows, included)."""
+        return self.num_pages * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kc, vc = self.flat(layer)
-        kc[loc] = k.to(kc.dtype)
-        vc[loc] = v.to(vc.dtype)
+        if self.fp8:
+            kc.view(torch.uint8)[loc] = quantize(k, self.k_scale[layer]).view(torch.uint8)
+            vc.view(torch.uint8)[loc] = quantize(v, self.v_scale[layer]).view(torch.uint8)
+        else:
+            kc[loc] = k.to(kc.dtype)
+            vc[loc] = v.to(vc.dtype)
+
+    def read(self, layer: int, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows idx of one layer as [len(idx), kv_heads, head_dim] in dtype, dequantized
+        (stored * scale, in fp32, then rounded once to dtype)."""
+        kc, vc = self.flat(layer)
+        if not self.fp8:
+            return kc[idx].to(dtype), vc[idx].to(dtype)
+        k = kc.view(torch.uint8)[idx].view(FP8).float()
+        v = vc.view(torch.uint8)[idx].view(FP8).float()
+        ks, vs = self.k_scale[layer], self.v_scale[layer]
+        return (k * ks if ks != 1.0 else k).to(dtype), (v * vs if vs != 1.0 else v).to(dtype)
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_pages * page_size, kv_heads, head_dim] views of one layer."""

@@ -3,6 +3,7 @@ a bias or a q/k norm switched on. HF weight names load directly."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -36,13 +37,17 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, theta, rp)
         half = self.head_dim // 2
         self.fusable = half & (half - 1) == 0  # the fused kernel tiles half a head: a power of two
+        # FP8 KV cache scales (stored = k / k_scale): from the checkpoint when it ships them, else 1.0
+        self.k_scale, self.v_scale = 1.0, 1.0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         backend = current()
         if backend.fused_store and self.fusable and fused_qkv_available(qkv):
+            pool = backend.pool
             q = qkv_norm_rope_store(qkv, positions, backend.fb.out_loc, self.rotary.cos_sin, self.n_local,
-                                    self.n_kv_local, *backend.pool.flat(self.layer), self.q_norm, self.k_norm)
+                                    self.n_kv_local, *pool.flat(self.layer), self.q_norm, self.k_norm,
+                                    kv_scale=pool.scales[self.layer] if pool.fp8 else None)
             o = backend.attend(q, self.layer)
         else:
             q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
@@ -86,6 +91,15 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+# FP8 KV cache scales as checkpoints name them (after "model."): per layer, k_scale and v_scale on
+# self_attn (compressed-tensors, llm-compressor), on k_proj / v_proj (ModelOpt), or on self_attn.attn
+# (vLLM's own names); kv_scale (older vLLM/AutoFP8) serves both; k_proj/v_proj.output_scale is the
+# older compressed-tensors form. q_scale and prob_scale (FP8 attention math) are not used here.
+KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?"
+                      r"(k_scale|v_scale|kv_scale|q_scale|prob_scale)$"
+                      r"|^layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")
+
+
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
@@ -120,9 +134,13 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
+        self.kv_scales_loaded = 0  # how many k/v scale tensors the checkpoint had
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (self.tied and name == "lm_head.weight"):
+                continue
+            if m := KV_SCALE.match(name):
+                self._load_kv_scale(int(m[1] or m[3]), m[2] or f"{m[4]}_scale", w)
                 continue
             mod_name, _, kind = name.rpartition(".")
             parent, _, leaf = mod_name.rpartition(".")
@@ -135,3 +153,18 @@ class LlamaForCausalLM(nn.Module):
                 params[name].data.copy_(w)
             else:
                 raise ValueError(f"unexpected weight {name!r}")
+
+    def _load_kv_scale(self, layer: int, kind: str, w: torch.Tensor) -> None:
+        """One per-tensor scale; a per-head vector (some quantizers) collapses to its largest entry,
+        which never saturates a head that its own scale would not."""
+        if kind not in ("k_scale", "v_scale", "kv_scale"):
+            return
+        attn = self.layers[layer].self_attn
+        s = float(w.float().max())
+        if not s > 0 or s == float("inf"):
+            raise ValueError(f"layer {layer}: {kind} {s} in the checkpoint is not a positive finite scale")
+        if kind in ("k_scale", "kv_scale"):
+            attn.k_scale = s
+        if kind in ("v_scale", "kv_scale"):
+            attn.v_scale = s
+        self.kv_scales_loaded += 1

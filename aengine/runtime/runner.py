@@ -9,8 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from aengine.attention import ForwardBatch, create_backend, forward_context
-from aengine.cache.pool import KVPool
+from aengine.attention import ForwardBatch, check_kv_dtype, create_backend, forward_context
+from aengine.cache.pool import KVPool, dtype_name, kv_dtype
 from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
 from aengine.models import model_class
@@ -51,7 +51,9 @@ class ModelRunner:
                  agree: Callable[[int], int] = lambda n: n) -> None:
         self.cfg, self.hf = cfg, hf_config
         self.device, self.dtype = resolve_device_dtype(cfg)
+        self.kv_dtype = kv_dtype(cfg.kv_cache_dtype, self.dtype)
         prefill_attn, decode_attn = attn_names(cfg, self.device)
+        check_kv_dtype((prefill_attn, decode_attn), self.kv_dtype)  # before the weights load: fail fast
         self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
@@ -71,12 +73,15 @@ class ModelRunner:
         self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
                                  (self.num_pages - 1) * self.page_size)
         self.pool = KVPool(self.num_layers, self.num_pages, self.page_size, attn.n_kv_local, attn.head_dim,
-                           self.dtype, self.device)
+                           self.kv_dtype, self.device, scales=self._kv_scales())
+        if tp().rank == 0:
+            log.info("KV cache: %d tokens in %d pages of %d, %s, %.2f GiB", self.pool.capacity, self.num_pages,
+                     self.page_size, dtype_name(self.kv_dtype), self.pool.nbytes / 2**30)
         self.max_slots = cfg.max_running_requests + 1  # +1: slot 0 is scratch for padded rows
         max_pages = (self.max_model_len + self.page_size - 1) // self.page_size
         self.page_table = torch.zeros(self.max_slots, max_pages, dtype=torch.int32, device=self.device)
         self.last_tok = torch.zeros(self.max_slots, dtype=torch.int32, device=self.device)
-        kw = dict(pool=self.pool, page_table=self.page_table, num_heads=attn.n_local, cfg=cfg)
+        kw = dict(pool=self.pool, page_table=self.page_table, num_heads=attn.n_local, cfg=cfg, q_dtype=self.dtype)
         self.prefill_backend = create_backend(prefill_attn, **kw)
         self.decode_backend = (self.prefill_backend if decode_attn == prefill_attn
                                else create_backend(decode_attn, **kw))
@@ -85,16 +90,41 @@ class ModelRunner:
             self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1))
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
-        per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.dtype)
+        """Pages from a byte budget on CUDA (an FP8 cache fits twice the tokens of a bf16 one), or
+        from --kv-cache-tokens on the CPU."""
+        per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1 - self.cfg.gpu_memory_utilization)
             tokens = int(budget // per_token)
         else:
             tokens = self.cfg.kv_cache_tokens
-        if tp().rank == 0:
-            log.info("KV cache: %d tokens, %.2f GiB", tokens, tokens * per_token / 2**30)
         return max(2, tokens // self.page_size)
+
+    def _kv_scales(self) -> list[tuple[float, float]] | None:
+        """Per-layer (k_scale, v_scale) for an FP8 pool: the checkpoint's, else 1.0 (logged)."""
+        loaded = getattr(self.model, "kv_scales_loaded", 0)
+        scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in self.model.layers]
+        if tp().rank == 0 and self.pool_is_fp8:
+            if loaded:
+                ks, vs = zip(*scales)
+                log.info("FP8 KV scales from the checkpoint (%d tensors): k %.4g..%.4g, v %.4g..%.4g",
+                         loaded, min(ks), max(ks), min(vs), max(vs))
+            else:
+                log.info("FP8 KV scales: 1.0 (the checkpoint has none; K/V beyond +-448 saturate)")
+        elif tp().rank == 0 and loaded:
+            log.info("the checkpoint's %d KV scale tensors are unused: the KV cache is %s", loaded,
+                     dtype_name(self.kv_dtype))
+        return scales
+
+    @property
+    def pool_is_fp8(self) -> bool:
+        return self.kv_dtype == torch.float8_e4m3fn
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's storage, as /metrics and the log name it: fp8_e4m3, bfloat16, float32."""
+        return dtype_name(self.kv_dtype)
 
     def _upload(self, ints: list[np.ndarray]) -> list[torch.Tensor]:
         """One host-to-device copy for all of a step's int metadata."""

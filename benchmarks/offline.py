@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--kv-cache-tokens", type=int, default=32768, help="CPU pool size")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8"],
+                    help="KV cache storage: auto (the model dtype) or fp8_e4m3")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="write the figures as JSON (to stdout: no path)")
     args = ap.parse_args(argv)
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, attn=args.attn,
               cache=args.cache, disable_overlap=args.disable_overlap, cuda_graph_max_bs=args.cuda_graph_max_bs,
               dtype=args.dtype, device=args.device, page_size=args.page_size,
-              max_running_requests=args.max_running_requests, kv_cache_tokens=args.kv_cache_tokens, tp=args.tp)
+              max_running_requests=args.max_running_requests, kv_cache_tokens=args.kv_cache_tokens, tp=args.tp,
+              kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - t0
     try:
         res = {"w1": run_w1, "w2": run_w2, "w6": run_w6}[args.workload](llm, args)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         runner = llm.engine.runner
         info = {"device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."),
                 "attn": args.attn, "page_size": runner.page_size,
+                "kv_cache_dtype": runner.kv_cache_dtype, "kv_tokens": runner.num_pages * runner.page_size,
                 "cuda_graphs": bool(getattr(runner, "graphs", None) and runner.graphs.sizes)}
         llm.close()
     try:

@@ -93,6 +93,14 @@ class Metrics:
         for kind, rows in (("gauge", gauges), ("counter", counters)):
             for name, help, v in rows:
                 out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {v}"]
+        # what the KV pool stores and how much: a label on an info gauge, as Prometheus does for versions
+        r = getattr(engine, "runner", None)
+        if r is not None and hasattr(r, "kv_cache_dtype"):
+            out += ["# HELP aengine_kv_cache_info The KV cache's storage dtype (fp8_e4m3, bfloat16, float32, ...).",
+                    "# TYPE aengine_kv_cache_info gauge", f'aengine_kv_cache_info{{dtype="{r.kv_cache_dtype}"}} 1',
+                    "# HELP aengine_kv_cache_capacity_tokens KV pool capacity in tokens (pages times page size).",
+                    "# TYPE aengine_kv_cache_capacity_tokens gauge",
+                    f"aengine_kv_cache_capacity_tokens {r.num_pages * r.page_size}"]
         name = "aengine_requests_finished_total"
         out += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
         out += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.requests.items())]

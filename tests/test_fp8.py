@@ -80,7 +80,7 @@ def test_pool_store_read(fp8: bool) -> None:
         assert pool.k_scale == [1.0, 1.0]  # a 16/32-bit cache ignores scales
         return
     assert pool.k_scale == [0.5, 1.0] and pool.v_scale == [2.0, 3.0]
-    assert torch.equal(pool.scales, torch.tensor([[0.5, 2.0], [1.0, 3.0]]))
+    assert torch.equal(pool.inv_scales, torch.tensor([[2.0, 0.5], [1.0, 1 / 3]]))
     assert torch.equal(pool.flat(1)[1][loc].float(), quantize(v, 3.0).float())  # stored = v / v_scale
     for a, b in ((rk, k), (rv, v)):
         assert ((a - b).norm() / b.norm()).item() < 0.04

@@ -31,11 +31,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even); in fp32 first, as
-    the fused write (layers/qkv_store.py) does."""
+    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even). In fp32, and as a
+    product with the fp32 reciprocal of the scale, exactly as the fused write (layers/qkv_store.py)
+    does: the two paths store the same bits for the same input."""
     x = x.float()
     if scale != 1.0:
-        x = x / scale
+        x = x * torch.tensor(1.0 / scale, dtype=torch.float32, device=x.device)
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
@@ -57,8 +58,9 @@ class KVPool:
         store = torch.uint8 if self.fp8 else dtype
         self.k = alloc(shape, dtype=store, device=device).view(dtype)
         self.v = alloc(shape, dtype=store, device=device).view(dtype)
-        # per layer (k_scale, v_scale): floats for the attention kernels, a [layers, 2] fp32
-        # tensor for the fused KV write (read on the device: no host value in a captured graph)
+        # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write a
+        # [layers, 2] fp32 tensor of their reciprocals (read on the device: nothing on the host
+        # changes under a captured graph)
         sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
         if len(sc) != num_layers:
             raise ValueError(f"{len(sc)} KV scale pairs for {num_layers} layers")
@@ -66,7 +68,7 @@ class KVPool:
             sc = [(1.0, 1.0)] * num_layers  # a 16/32-bit cache stores K and V as they are
         self.k_scale = [float(k) for k, _ in sc]
         self.v_scale = [float(v) for _, v in sc]
-        self.scales = torch.tensor(sc, dtype=torch.float32, device=device).view(num_layers, 2)
+        self.inv_scales = (1.0 / torch.tensor(sc, dtype=torch.float64)).float().to(device).view(num_layers, 2)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

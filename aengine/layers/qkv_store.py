@@ -9,8 +9,9 @@ cache rows. CUDA half precision only, like the other fused kernels (layers/fused
 the CPU keep the plain torch path, the reference.
 
 With an FP8 cache (float8_e4m3fn k_cache / v_cache) the same kernel quantizes what it writes: k
-and v in fp32, divided by the layer's scale (kv_scale: a device tensor [k_scale, v_scale]),
-saturated to +-448 and rounded to nearest even, as cache/pool.py:quantize does on the torch path.
+and v in fp32, times the reciprocal of the layer's scale (inv_scale: a device tensor
+[1/k_scale, 1/v_scale]), saturated to +-448 and rounded to nearest even, as
+cache/pool.py:quantize does on the torch path.
 q stays in the model dtype. (Triton's float8e4nv, the e4m3fn format, needs sm89 or newer.)"""
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _heads(src, dst, stride_dst, cos, sin, w_ptr, eps, scale_ptr, NH: tl.constexpr, BH: tl.constexpr,
+    def _heads(src, dst, stride_dst, cos, sin, w_ptr, eps, inv_ptr, NH: tl.constexpr, BH: tl.constexpr,
                HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, QUANT: tl.constexpr):
         """NH heads of 2*HALF values at src -> dst (head h at dst + h * stride_dst); QUANT: dst is
-        float8_e4m3fn and takes x / scale, saturated."""
+        float8_e4m3fn and takes x * (1 / scale), saturated."""
         h = tl.arange(0, BH)[:, None]
         d = tl.arange(0, HALF)[None, :]
         mask = h < NH
@@ -53,15 +54,15 @@ if triton is not None:
             x2 = (x2 * r * w2).to(src.dtype.element_ty).to(tl.float32)
         if ROPE:  # rotate-half (HF Llama/Qwen) layout
             x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        if QUANT:  # what cache/pool.py:quantize does: divide, saturate at +-448, round to nearest even
-            s = tl.load(scale_ptr)
-            x1 = tl.minimum(tl.maximum(x1 / s, -448.0), 448.0)
-            x2 = tl.minimum(tl.maximum(x2 / s, -448.0), 448.0)
+        if QUANT:  # what cache/pool.py:quantize does: scale, saturate at +-448, round to nearest even
+            inv = tl.load(inv_ptr)
+            x1 = tl.minimum(tl.maximum(x1 * inv, -448.0), 448.0)
+            x2 = tl.minimum(tl.maximum(x2 * inv, -448.0), 448.0)
         tl.store(dst + h * stride_dst + d, x1.to(dst.dtype.element_ty), mask=mask)
         tl.store(dst + h * stride_dst + HALF + d, x2.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qkv_kernel(qkv, stride_t, pos_ptr, loc_ptr, cos_sin, qw, kw, eps, q_out, k_cache, v_cache, kv_scale,
+    def _qkv_kernel(qkv, stride_t, pos_ptr, loc_ptr, cos_sin, qw, kw, eps, q_out, k_cache, v_cache, inv_scale,
                     NQ: tl.constexpr, NKV: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
                     HALF: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -72,30 +73,30 @@ if triton is not None:
         sin = tl.load(cos_sin + pos * 2 * HALF + HALF + d)
         src = qkv + t * stride_t
         D: tl.constexpr = 2 * HALF
-        _heads(src, q_out + t * NQ * D, D, cos, sin, qw, eps, kv_scale, NQ, BQ, HALF, NORM, True, False)
-        _heads(src + NQ * D, k_cache + loc * NKV * D, D, cos, sin, kw, eps, kv_scale, NKV, BKV, HALF, NORM, True,
+        _heads(src, q_out + t * NQ * D, D, cos, sin, qw, eps, inv_scale, NQ, BQ, HALF, NORM, True, False)
+        _heads(src + NQ * D, k_cache + loc * NKV * D, D, cos, sin, kw, eps, inv_scale, NKV, BKV, HALF, NORM, True,
                QUANT)
-        _heads(src + (NQ + NKV) * D, v_cache + loc * NKV * D, D, cos, sin, kw, eps, kv_scale + 1, NKV, BKV, HALF,
+        _heads(src + (NQ + NKV) * D, v_cache + loc * NKV * D, D, cos, sin, kw, eps, inv_scale + 1, NKV, BKV, HALF,
                False, False, QUANT)
 
 
 def qkv_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor, cos_sin: torch.Tensor,
                         n_q: int, n_kv: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
-                        kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, (n_q + 2 n_kv) * head_dim] -> q [T, n_q, head_dim], normalised (with the norms) and
     rotated; k (normalised, rotated) and v go to rows out_loc of the flat caches [slots, n_kv, head_dim].
-    FP8 caches need kv_scale, a float32 device tensor [k_scale, v_scale] (KVPool.scales[layer])."""
+    FP8 caches need inv_scale, a float32 device tensor [1/k_scale, 1/v_scale] (KVPool.inv_scales[layer])."""
     t, d = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(t, n_q, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
     quant = k_cache.dtype == torch.float8_e4m3fn
-    if quant and (kv_scale is None or kv_scale.dtype != torch.float32 or kv_scale.numel() != 2):
-        raise ValueError("an FP8 KV cache needs kv_scale: a float32 tensor [k_scale, v_scale]")
+    if quant and (inv_scale is None or inv_scale.dtype != torch.float32 or inv_scale.numel() != 2):
+        raise ValueError("an FP8 KV cache needs inv_scale: a float32 tensor [1/k_scale, 1/v_scale]")
     qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (qkv, qkv)  # unread without norms
     _qkv_kernel[(t,)](qkv, qkv.stride(0), positions, out_loc, cos_sin, qw, kw, q_norm.eps if q_norm else 0.0,
-                      q, k_cache, v_cache, kv_scale.contiguous() if quant else cos_sin, NQ=n_q, NKV=n_kv,
+                      q, k_cache, v_cache, inv_scale.contiguous() if quant else cos_sin, NQ=n_q, NKV=n_kv,
                       BQ=triton.next_power_of_2(n_q), BKV=triton.next_power_of_2(n_kv), HALF=d // 2,
                       NORM=q_norm is not None, QUANT=quant, num_warps=4)
     return q

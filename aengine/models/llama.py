@@ -47,7 +47,7 @@ class Attention(nn.Module):
             pool = backend.pool
             q = qkv_norm_rope_store(qkv, positions, backend.fb.out_loc, self.rotary.cos_sin, self.n_local,
                                     self.n_kv_local, *pool.flat(self.layer), self.q_norm, self.k_norm,
-                                    kv_scale=pool.scales[self.layer] if pool.fp8 else None)
+                                    inv_scale=pool.inv_scales[self.layer] if pool.fp8 else None)
             o = backend.attend(q, self.layer)
         else:
             q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)

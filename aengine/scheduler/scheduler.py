@@ -114,6 +114,9 @@ class Scheduler:
                 processed = inflight is not None
                 if inflight is not None:
                     await self._process(*inflight)
+                    # A result that was ready returns without yielding; yield anyway, so that the
+                    # sessions' flush callbacks send this step's deltas now, not with the next ones
+                    await asyncio.sleep(0)
                 inflight = launched
                 if inflight is not None and not overlap:
                     await self._process(*inflight)

@@ -39,17 +39,19 @@ def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgl,blhd->bhgd", s.softmax(-1), v.float()).reshape(b, -1, d)
 
 
-def layout(k_tok: torch.Tensor, v_tok: torch.Tensor, ps: int, g: torch.Generator) -> dict[str, Any]:
+def layout(k_tok: torch.Tensor, v_tok: torch.Tensor, ps: int, g: torch.Generator, kv_dt: torch.dtype) -> dict[str, Any]:
     """The same tokens in a pool of page size ps, each sequence's pages at random ids (a used pool's are
     scattered, and locality would flatter the kernels); host indptr/last_page_len pinned, ids on the device."""
     b, L, dev = k_tok.shape[0], k_tok.shape[1], k_tok.device
     npg = -(-L // ps)
-    pages = max(b * npg, MIN_POOL_BYTES // (ps * KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2))
+    pages = max(b * npg, MIN_POOL_BYTES // (ps * KV_HEADS * HEAD_DIM * kv_dt.itemsize * 2))
     ids = torch.randperm(pages, device=dev, generator=g)[: b * npg].to(torch.int32)
     pos = torch.arange(L, device=dev)
     slots = (ids.view(b, npg)[:, pos // ps].long() * ps + pos % ps).view(-1)
-    flat = torch.zeros(2, pages * ps, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev)
-    flat[:, slots] = torch.stack((k_tok, v_tok)).view(2, -1, KV_HEADS, HEAD_DIM)
+    # written through a byte view: scatter into FP8 tensors is not in every torch build
+    flat = torch.zeros(2, pages * ps, KV_HEADS, HEAD_DIM, dtype=kv_dt, device=dev).view(torch.uint8)
+    flat[:, slots] = torch.stack((k_tok, v_tok)).view(2, -1, KV_HEADS, HEAD_DIM).to(kv_dt).view(torch.uint8)
+    flat = flat.view(kv_dt)
     k, v = flat.view(2, pages, ps, KV_HEADS, HEAD_DIM).unbind()  # flashinfer "NHD", the engine's pool layout
     pin = dict(dtype=torch.int32, pin_memory=True)
     indptr, last = torch.arange(0, (b + 1) * npg, npg, **pin), torch.full((b,), L - (npg - 1) * ps, **pin)
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--page-sizes", type=ints, default=[1, 16, 64, 256])
     ap.add_argument("--reps", type=int, default=50, help="timed runs per variant (the median is reported)")
     ap.add_argument("--fa3", action="store_true", help="also the sm90 prefill kernel (compiles ~80 s on first use)")
+    ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the pool's dtype (fp8: e4m3, scale 1)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant to this file ('-': stdout)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -102,36 +105,41 @@ def main() -> None:
     wrappers = {"cuda": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False),
                 "tc": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True),
                 "fa2": fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")}
-    if args.fa3:
+    kv_dt = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DTYPE
+    if args.fa3 and args.kv_dtype != "fp8":  # flashinfer's fa3 reads FP8 KV only with FP8 queries
         wrappers["fa3"] = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
     sizes = sorted(args.page_sizes, key=lambda p: p != 16)  # the reference page size (16, else the first) first
     shapes = [(b, args.ctx) for b in args.batch] + ([(max(args.batch), args.long)] if args.long else [])
     info = {"bench": "attn_decode", "qo_heads": QO_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-            "dtype": "bfloat16", "flashinfer": fi.__version__, "reps": args.reps, **machine()}
+            "dtype": "bfloat16", "kv_dtype": str(kv_dt).removeprefix("torch."), "flashinfer": fi.__version__,
+            "reps": args.reps, **machine()}
     rows: list[dict] = []
     for b, L in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         k_tok, v_tok = (torch.randn(b, L, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g) for _ in "kv")
         q = torch.randn(b, QO_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g)
+        if args.kv_dtype == "fp8":  # the reference sees what the pool holds
+            k_tok, v_tok = k_tok.to(kv_dt).to(DTYPE), v_tok.to(kv_dt).to(DTYPE)
         ref = exact(q, k_tok, v_tok)  # replaced by the CUDA-core reference page size output once that is computed
         for ps in sizes:
-            lay = layout(k_tok, v_tok, ps, g)
+            lay = layout(k_tok, v_tok, ps, g, kv_dt)
             for kind, w in wrappers.items():
                 dec = kind in ("cuda", "tc")  # else the prefill kernel with one query row per sequence
                 a, kw = (lay["plan"], {}) if dec else ((lay["qo"], *lay["plan"]), {"causal": False})
-                plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=DTYPE, **kw))
+                plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=kv_dt, **kw))
                 out = w.run(q, lay["pools"][0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 if (kind, ps) == ("cuda", sizes[0]):
                     ref = out
                 us = gpu_us(w, q, lay["pools"], args.reps)
-                tbs = b * L * KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize / us / 1e6
+                tbs = b * L * KV_HEADS * HEAD_DIM * 2 * kv_dt.itemsize / us / 1e6
                 rows.append(r := {"batch": b, "ctx": L, "page_size": ps, "kernel": kind, "us": us, "tb_per_s": tbs,
                                   "rel_err": err, "plan_us": plan_us, **info})
                 emit_json(r, args.json)
     n, big = len(wrappers), max(args.batch)
     print(f"\nflashinfer {fi.__version__}, {info.get('card', '?')}: one layer, {QO_HEADS} q / {KV_HEADS} kv heads x "
-          f"{HEAD_DIM} bf16; cuda/tc = decode(use_tensor_cores=False/True), fa2/fa3 = prefill(backend=), 1 query/seq")
+          f"{HEAD_DIM} bf16, KV {args.kv_dtype}; cuda/tc = decode(use_tensor_cores=False/True), "
+          "fa2/fa3 = prefill(backend=), 1 query/seq")
     print(f"cell: GPU µs (median of {args.reps}), KV TB/s, rel err vs cuda ps={sizes[0]} (that cell: vs fp32 torch)")
     print(f"{'B':>4} {'L':>5} {'ps':>4} | " + " | ".join(f"{k:^21}" for k in wrappers))
     for i in range(0, len(rows), n):

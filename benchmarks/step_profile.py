@@ -202,7 +202,7 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
     sp = lambda m: SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True)
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, attn=args.attn,
               page_size=args.page_size, disable_overlap=args.disable_overlap,
-              max_prefill_tokens=args.max_prefill_tokens)
+              max_prefill_tokens=args.max_prefill_tokens, kv_cache_dtype=args.kv_cache_dtype)
     ex = llm.engine.executor
     cuda = bool(getattr(ex, "cuda", torch.cuda.is_available()))
     try:
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--disable-overlap", action="store_true")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="aengine: auto | fp8_e4m3")
     ap.add_argument("--quarter", action="store_true", help="every W1 max_tokens cut to a quarter (minisgl: always)")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=pair, default=(100, 1024))

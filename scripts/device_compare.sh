@@ -10,6 +10,7 @@
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
 #   attn      benchmarks/attn_bench.py: flashinfer decode variants on W1's decode shape
+#   attn-fp8, profile-fp8   the same over an FP8 KV pool
 #   startup   engine start-up time, with the engine's own breakdown (INFO log)
 #   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
@@ -81,6 +82,10 @@ for s in $stages; do
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"
       fi ;;
     attn) run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" ;;
+    attn-fp8) run "attn bench, FP8 KV" attn-fp8.log python3 benchmarks/attn_bench.py --kv-dtype fp8 \
+        --json "$LOGS/attn.jsonl" ;;
+    profile-fp8) run "profile aengine, FP8 KV" profile-fp8.log python3 benchmarks/step_profile.py --model $Q06 \
+        --load-format dummy --tokenizer .tok --kv-cache-dtype fp8_e4m3 --json "$LOGS/profile.jsonl" ;;
     startup) run "startup" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
 t = time.perf_counter(); from aengine import LLM; llm = LLM('$Q06', load_format='dummy', tokenizer='.tok'); \
 print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()" ;;

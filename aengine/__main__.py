@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import types
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from aengine.config import EngineConfig, ServerConfig
@@ -91,8 +92,41 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
                                help=doc if "default" in doc else f"{doc} (default: {default})")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block: the line says what is wrong
+        self.exit(2, f"aengine: error: {message}\n")
+
+
+# Ranges the parser checks (inclusive; None: unbounded), so that a bad number is one line at once
+# instead of an exception after the model has loaded.
+RANGES = {"port": (0, 65535), "tp": (1, None), "nnodes": (1, None), "node_rank": (0, None), "page_size": (0, None),
+          "num_pages": (0, None), "kv_cache_tokens": (1, None), "gpu_memory_utilization": (0.01, 1.0),
+          "max_running_requests": (1, None), "max_prefill_tokens": (1, None), "max_prefill_tokens_decoding": (0, None),
+          "max_model_len": (0, None), "cuda_graph_max_bs": (0, None), "max_frame_bytes": (1, None),
+          "max_requests_per_connection": (1, None), "max_connections": (1, None), "max_waiting_requests": (1, None),
+          "max_tokens_limit": (0, None), "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
+ATTN = {"torch", "fi", "fa"}
+
+
+def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    for name, (lo, hi) in RANGES.items():
+        v = getattr(ns, name)
+        if v < lo or (hi is not None and v > hi):
+            p.error(f"argument --{name.replace('_', '-')}: {v} is outside [{lo}, {'∞' if hi is None else hi}]")
+    parts = ns.attn.split(",")
+    if ns.attn != "auto" and (len(parts) > 2 or not set(parts) <= ATTN):
+        p.error(f"argument --attn: {ns.attn!r} is not auto, one of torch, fi, fa, or PREFILL,DECODE of those")
+    if ns.model is not None and not Path(ns.model).expanduser().exists():
+        p.error(f"argument --model: {ns.model!r} does not exist")
+    if ns.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"argument --device: {ns.device} asked for, but no CUDA device is available")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m aengine",
         description="Serve a model over WebSocket (protocol v1, docs/protocol.md) with GET /health and "
                     "/metrics on the same port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
@@ -110,7 +144,9 @@ def _pick(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parser().parse_args(argv)
+    p = parser()
+    ns = p.parse_args(argv)
+    _check(p, ns)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_kw = _pick(ServerConfig, ns)
     origins = server_kw.pop("allowed_origins") or []

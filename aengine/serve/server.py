@@ -11,6 +11,8 @@ import itertools
 import json
 import logging
 import signal
+import socket
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +38,8 @@ CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text(encoding=
 
 
 class Server:
-    def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
-        self.engine, self.cfg = engine, cfg
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, sock: socket.socket | None = None) -> None:
+        self.engine, self.cfg, self.sock = engine, cfg, sock  # sock: bound already (run_server), else cfg's port
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
         self.draining = False
@@ -124,7 +126,8 @@ class Server:
         await self.engine.start()
         # Origin is checked for browsers; other clients send none and are let through (None).
         origins = [*self.cfg.allowed_origins, None] if self.cfg.allowed_origins else None
-        async with serve(self.handler, self.cfg.host, self.cfg.port, process_request=self.process_request,
+        where = dict(sock=self.sock) if self.sock is not None else dict(host=self.cfg.host, port=self.cfg.port)
+        async with serve(self.handler, **where, process_request=self.process_request,
                          origins=origins, compression=None, max_size=self.cfg.max_frame_bytes,
                          write_limit=self.cfg.send_buffer_bytes, select_subprotocol=_select_subprotocol) as server:
             log.info("serving %s on ws://%s:%d", self.engine.model_name, self.cfg.host, self.cfg.port)
@@ -175,12 +178,27 @@ def exposed_without_key(cfg: ServerConfig) -> bool:
 
 
 def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
+    """Serve until stopped; returns the exit status. A port that cannot be bound or a model the
+    engine refuses is one line on stderr and status 2, and the port comes first: nobody waits for
+    a model to load to learn that the port is taken."""
     logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per /health probe
-    engine = AsyncEngine(engine_cfg)
+    try:
+        sock = socket.create_server((server_cfg.host, server_cfg.port))
+    except OSError as e:
+        print(f"aengine: error: cannot listen on {server_cfg.host}:{server_cfg.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    server_cfg.port = sock.getsockname()[1]  # the one chosen when --port 0
+    try:
+        engine = AsyncEngine(engine_cfg)
+    except (OSError, ValueError) as e:  # a missing model, a config the engine cannot serve
+        sock.close()
+        print(f"aengine: error: {e}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    return run(Server(engine, server_cfg).run())
+    return run(Server(engine, server_cfg, sock).run())

@@ -121,7 +121,7 @@ def _salvage_id(frame: str | bytes) -> str | None:
     except (msgspec.DecodeError, RecursionError):
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and rid else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None  # never echo an over-long id
 
 
 def encode(msg: ServerMessage) -> bytes:

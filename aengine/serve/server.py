@@ -59,17 +59,16 @@ class Server:
             return conn.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
                                 "ok\n" if ok else "unavailable\n")
         if path == "/metrics":
-            r = conn.respond(HTTPStatus.OK, self.metrics.render(self.engine))
-            r.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-            return r
+            return _respond(conn, HTTPStatus.OK, self.metrics.render(self.engine),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        for name in ("Authorization", "Upgrade"):  # which one would count? refuse rather than guess
+            if len(request.headers.get_all(name)) > 1:
+                return conn.respond(HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
         if path in ("/", "/chat") and request.headers.get("Upgrade", "").lower() != "websocket":
-            r = conn.respond(HTTPStatus.OK, CHAT_PAGE)
-            r.headers["Content-Type"] = "text/html; charset=utf-8"
-            return r
+            return _respond(conn, HTTPStatus.OK, CHAT_PAGE, "text/html; charset=utf-8")
         if path == "/debug/state" and self.cfg.debug_state:
-            r = conn.respond(HTTPStatus.OK, json.dumps(debug_state(self.engine, len(self.sessions))) + "\n")
-            r.headers["Content-Type"] = "application/json"
-            return r
+            return _respond(conn, HTTPStatus.OK, json.dumps(debug_state(self.engine, len(self.sessions))) + "\n",
+                            "application/json")
         if not self._authorized(request.headers, request.path):  # refused before any session exists
             r = conn.respond(HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")
             r.headers["WWW-Authenticate"] = "Bearer"
@@ -80,7 +79,7 @@ class Server:
         if not self.cfg.api_key:
             return True
         auth = headers.get("Authorization", "")
-        given = auth[7:] if auth.startswith("Bearer ") else ""
+        given = auth[7:] if auth[:7].lower() == "bearer " else ""  # the scheme name is case-insensitive
         # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol
         # "bearer.KEY" next to "aengine" (or, less safely since URLs get logged, ?api_key=KEY).
         for proto in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(","):
@@ -100,6 +99,9 @@ class Server:
         sess.send(Hello(self.engine.model_name, self.engine.max_model_len))
         try:
             async for frame in ws:
+                if isinstance(frame, bytes):  # protocol v1 is JSON text frames
+                    sess.error(None, "invalid_request", "binary frames are not accepted: send JSON text frames")
+                    continue
                 sess.on_frame(frame)
         except ConnectionClosed:
             pass
@@ -161,6 +163,13 @@ class Server:
             log.exception("the engine stopped after a fault")
             self.failed = True
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
+
+
+def _respond(conn: ServerConnection, status: HTTPStatus, body: str, content_type: str) -> Response:
+    r = conn.respond(status, body)
+    del r.headers["Content-Type"]  # respond() set text/plain; setting again would add a second header
+    r.headers["Content-Type"] = content_type
+    return r
 
 
 def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:

@@ -145,3 +145,19 @@ def test_stale_gguf_conversions_are_removed(tmp_path, monkeypatch):
     assert weights.resolve_model(None) == live
     assert live.exists() and partial.exists() and other.exists()
     assert not gone.exists() and not changed.exists()
+
+
+def test_degenerate_sampling_values_are_greedy(tmp_path) -> None:
+    """Temperatures and top_p values float32 cannot use (1/T overflows, top_p rounds to 0) sample
+    the most likely token, as temperature 0 does, instead of streaming token 0 over and over."""
+    from tests.conftest import build_tiny
+
+    llm = LLM(str(build_tiny("llama", tmp_path)), dtype="float32", device="cpu")
+    prompt = [[5, 6, 7, 8, 9]]
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
+    for kw in (dict(temperature=1e-38), dict(temperature=1e-40), dict(temperature=1e-6),
+               dict(temperature=1.0, top_p=1e-46), dict(temperature=1.0, top_p=1e-300),
+               dict(temperature=0.7, top_p=1e-7)):
+        got = llm.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True, **kw))[0].token_ids
+        assert got == greedy, (kw, got, greedy)
+    llm.close()

@@ -6,6 +6,9 @@ from aengine.runtime.step import StepInput
 from aengine.scheduler.request import Req
 from aengine.types import EngineStats
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (as vLLM's)
+MIN_TOP_P = 1e-6  # below it only the most likely token could be kept: greedy
+
 
 def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, stats: EngineStats) -> StepInput:
     """The step's StepInput; in a prefill step the first n_decoding rows decode (a mixed step)."""
@@ -31,8 +34,11 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
         if not req.prefilling:  # this step's last token yields the next output
             p = req.params
             inp.sample_rows.append(i)
-            inp.temperature.append(float(p.temperature))
-            inp.top_p.append(float(p.top_p))
+            # Sampling runs in float32: 1 / T overflows for T near 1e-38, and a top_p that rounds to
+            # 0 keeps no token at all. Both limits mean "the most likely token", so they are greedy.
+            greedy = p.temperature < MIN_TEMPERATURE or p.top_p < MIN_TOP_P
+            inp.temperature.append(0.0 if greedy else float(p.temperature))
+            inp.top_p.append(1.0 if greedy else float(p.top_p))
             inp.top_k.append(max(0, p.top_k))
             inp.min_p.append(float(p.min_p))
             inp.seeds.append(-1 if p.seed is None else p.seed)

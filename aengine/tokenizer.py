@@ -42,6 +42,53 @@ def _eos_ids(path: Path, hf: object) -> set[int]:
     return ids
 
 
+class StopMatcher:
+    """Stop strings found in text that arrives piece by piece. Per stop string it keeps the length
+    of the longest prefix of it that the text ends with (a KMP automaton), so each new character
+    costs amortised O(1) per stop string, however long the strings and the text are, and the text
+    that might start a stop string (what must be held back) is a max over those lengths."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.pos = 0  # characters seen
+
+    def feed(self, piece: str) -> int:
+        """Feed text; returns where the earliest stop string found in it starts (in all text fed
+        so far), or -1."""
+        found = -1
+        for ch in piece:
+            self.pos += 1
+            for j, s in enumerate(self.stops):
+                k, fail = self.state[j], self.fail[j]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                k += s[k] == ch
+                if k == len(s):
+                    start = self.pos - k
+                    found = start if found < 0 else min(found, start)
+                    k = fail[k - 1]
+                self.state[j] = k
+        return found
+
+    @property
+    def partial(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        return max(self.state, default=0)
+
+
+def _failure(s: str) -> list[int]:
+    """KMP: for each prefix of s, the length of its longest proper prefix that is also its suffix."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        k += s[i] == s[k]
+        f[i] = k
+    return f
+
+
 class Detokenizer:
     """Turns a request's token ids into text deltas. Text that might be the start of a stop string
     is held back until it is known not to be one."""
@@ -49,8 +96,7 @@ class Detokenizer:
     def __init__(self, tok: Tokenizer, stop: list[str]) -> None:
         self.backend = tok.hf.backend_tokenizer
         self.stream = DecodeStream(skip_special_tokens=True)
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stops = StopMatcher(stop) if any(stop) else None
         self.text = ""  # everything decoded so far
         self.sent = 0  # chars of self.text already handed out
 
@@ -59,29 +105,19 @@ class Detokenizer:
         piece = self.stream.step(self.backend, token_id)
         if not piece:
             return False
-        start = max(0, len(self.text) - self.hold)
         self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stop = []
+        if self.stops is not None and (cut := self.stops.feed(piece)) >= 0:
+            self.text = self.text[:cut]
+            self.stops = None
             return True
         return False
 
     def delta(self, final: bool) -> str:
         """New text safe to send: all of it when final, else all but a possible stop prefix."""
         end = len(self.text)
-        if not final:
-            end -= self._partial_stop()
+        if not final and self.stops is not None:
+            end -= self.stops.partial
         end = max(end, self.sent)
         out = self.text[self.sent : end]
         self.sent = end
         return out
-
-    def _partial_stop(self) -> int:
-        """Length of the longest tail of the text that is the start of some stop string."""
-        for k in range(min(self.hold, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0

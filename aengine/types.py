@@ -20,6 +20,9 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 256
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -51,8 +54,13 @@ class SamplingParams:
             isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)
         ):
             raise bad("stop must be a string or a list of strings")
+        # bounded, so that stop matching (per token, per stop string) cannot stall the loop
+        if len(self.stop_list) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
+            raise bad(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids must be a list of integers")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
 
     @property
     def stop_list(self) -> list[str]:

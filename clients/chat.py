@@ -8,6 +8,8 @@ import asyncio
 import sys
 import threading
 
+from websockets.exceptions import ConnectionClosed
+
 from clients.client import Client, ServerError
 
 HELP = "commands: /reset (forget the conversation), /quit"
@@ -23,7 +25,7 @@ async def chat(url: str, max_tokens: int | None, temperature: float, system: str
     try:
         while True:
             print("> ", end="", flush=True)
-            line = await lines.get()
+            line = await _line_or_close(lines, client)
             if not line:
                 print()
                 return
@@ -48,14 +50,32 @@ async def chat(url: str, max_tokens: int | None, temperature: float, system: str
                         print(m["text"], end="", flush=True)
                     elif m["finish_reason"] == "length":
                         print(" [length limit]", end="")
+                    elif m["finish_reason"] == "cancelled":
+                        print(" [cut off: the server cancelled this answer]", end="")
             except ServerError as e:
                 history.pop()
                 print(f"[error {e.code}: {e.message}]", flush=True)
                 continue
+            except (ConnectionError, ConnectionClosed):  # the server went away during the answer
+                raise Closed(client.close_reason()) from None
             print(flush=True)
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         await client.close()
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+async def _line_or_close(lines: asyncio.Queue[str], client: Client) -> str:
+    """The next input line, or Closed as soon as the server goes away while we wait for one."""
+    get = asyncio.ensure_future(lines.get())
+    await asyncio.wait([get, client.reader], return_when=asyncio.FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    raise Closed(client.close_reason())
 
 
 def _stdin_lines() -> asyncio.Queue[str]:
@@ -84,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(chat(a.url, a.max_tokens, a.temperature, a.system, a.api_key))
     except KeyboardInterrupt:
         print()
+    except Closed as e:
+        print(f"\n[the server closed the connection: {e}]")
+        return 1
     except (OSError, ServerError) as e:
-        print(f"cannot chat with {a.url}: {e}", file=sys.stderr)
+        print(f"\n[cannot chat with {a.url}: {e}]", file=sys.stderr)
         return 1
     return 0
 

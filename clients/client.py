@@ -45,7 +45,7 @@ class Client:
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._ids = itertools.count()
         self.errors: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # errors that name no live request
-        self._reader = asyncio.create_task(self._read())
+        self.reader = asyncio.create_task(self._read())  # done once the connection is gone
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **kw: Any) -> Client:
@@ -71,6 +71,17 @@ class Client:
         finally:  # wake every waiting request: the connection is gone
             for q in self._queues.values():
                 q.put_nowait({"type": "closed"})
+
+    def close_reason(self) -> str:
+        """Why the connection ended: the server's last error frame that named no request (it sends
+        one before closing for shutdown), else the close frame's code and reason."""
+        last = None
+        while not self.errors.empty():
+            last = self.errors.get_nowait()
+        if last is not None:
+            return last["message"]
+        code, reason = self.ws.close_code, self.ws.close_reason
+        return f"close code {code}" + (f" ({reason})" if reason else "") if code is not None else "no close frame"
 
     async def send(self, msg: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(msg))
@@ -130,7 +141,7 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
-        await self._reader
+        await self.reader
 
     async def __aenter__(self) -> Client:
         return self

@@ -157,11 +157,15 @@ class Server:
             if self.engine.task.done():
                 break
             await asyncio.sleep(0.05)
+        faulted = self.engine.task.done()  # the clients were told already
         try:
             await self.engine.shutdown()  # aborts what is left: those get done frames with "cancelled"
         except Exception:
             log.exception("the engine stopped after a fault")
             self.failed = True
+        if not faulted:  # the last frame before the close (code 1001): why the connection ends
+            for s in self.sessions:
+                s.error(None, "overloaded", "the server is shutting down")
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
 
 

@@ -3,6 +3,7 @@ cached HF directory), or random "dummy" values from a config.json for benchmarks
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -57,9 +58,20 @@ def resolve_model(model: str | None) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=16)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _gguf_key(path: Path) -> str:
+    """The file's content hash: every virtual environment that installs the same package file
+    shares one conversion (each is ~500 MB); hashed once per process and file version."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _content_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _drop_stale(path: Path, keep: Path) -> None:

@@ -161,3 +161,21 @@ def test_degenerate_sampling_values_are_greedy(tmp_path) -> None:
         got = llm.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True, **kw))[0].token_ids
         assert got == greedy, (kw, got, greedy)
     llm.close()
+
+
+def test_gguf_conversion_is_shared_by_copies_of_the_file(tmp_path, monkeypatch):
+    """The conversion cache is keyed by the file's content: the same package file installed in
+    another virtual environment (another path) reuses the conversion instead of making a second."""
+    import shutil
+
+    from aengine import weights
+
+    real, gguf = weights.resolve_model(None), weights.default_gguf()
+    monkeypatch.setenv("AENGINE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / real.name).symlink_to(real, target_is_directory=True)
+    other_env = tmp_path / "venv2" / gguf.name
+    other_env.parent.mkdir()
+    shutil.copy(gguf, other_env)
+    assert weights.gguf_to_hf(other_env) == tmp_path / "cache" / real.name
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [real.name]  # nothing converted again

@@ -130,6 +130,21 @@ class AsyncEngine:
                                  f"({self.hf_config.vocab_size}); send input_ids instead")
         return list(ids)
 
+    def check_size(self, prompt: str | None = None, messages: list[dict] | None = None,
+                   input_ids: list[int] | None = None) -> None:
+        """Refuse, without tokenizing, a prompt that cannot fit the context whatever its tokens are
+        (each token stands for at most tokenizer.max_token_bytes bytes). Cheap: run it on the loop,
+        before the prompt waits for a tokenizer thread."""
+        if input_ids is not None:
+            n = len(input_ids) if isinstance(input_ids, list) else 0
+        else:
+            texts = [prompt] if prompt is not None else \
+                [m.get("content") for m in messages or [] if isinstance(m, dict)]
+            n = sum(len(t.encode()) for t in texts if isinstance(t, str)) // self.tokenizer.max_token_bytes
+        if n >= self.max_model_len:
+            raise ContextLengthExceeded(f"the prompt has at least {n} tokens; this engine's context is "
+                                        f"{self.max_model_len} tokens")
+
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
         """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
         carrying the finish reason and the RequestOutput."""

@@ -16,6 +16,9 @@ class Tokenizer:
         # a local directory: never ask the hub (offline machines would wait on its timeouts)
         self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.eos_ids = _eos_ids(path, self.hf)
+        # the most UTF-8 bytes one token can stand for (its vocabulary string's bytes bound them
+        # from above): text longer than this times a context cannot fit it, whatever its tokens
+        self.max_token_bytes = max((len(t.encode()) for t in self.hf.get_vocab()), default=1)
 
     def encode(self, text: str) -> list[int]:
         return self.hf(text).input_ids

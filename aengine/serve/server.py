@@ -45,7 +45,7 @@ class Server:
         self.draining = False
         self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
-        self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-tok")
+        self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok")
         self._numbers = itertools.count()
 
     @property

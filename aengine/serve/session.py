@@ -188,7 +188,9 @@ class Session:
     async def _start(self, st: Stream, g: Generate) -> None:
         try:
             msgs = [{"role": m.role, "content": m.content} for m in g.messages] if g.messages is not None else None
-            # The tokenizer (a chat template, a long prompt) may take a while: off the loop.
+            self.engine.check_size(g.prompt, msgs, g.input_ids)  # a hopeless prompt never waits for a thread
+            # The tokenizer (a chat template, a long prompt) may take a while: off the loop. Several
+            # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
             ids = await asyncio.get_running_loop().run_in_executor(
                 self.server.tok_pool, self.engine.encode, g.prompt, msgs, g.input_ids)
             if st.cancelled or self.closed:
@@ -202,6 +204,8 @@ class Session:
             self._fail(st, e.code, str(e))
         except ValueError as e:  # e.g. a tokenizer without a chat template
             self._fail(st, "invalid_request", str(e))
+        except asyncio.CancelledError:  # the connection closed: its queued tokenization is dropped
+            self.live.pop(st.id, None)
         except Exception as e:
             log.exception("request %s failed", st.rid)
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
@@ -262,3 +266,5 @@ class Session:
             st.cancelled = True
         self.live.clear()
         self.writer.cancel()
+        for task in self.tasks:  # requests still waiting for the tokenizer: nobody wants them now
+            task.cancel()

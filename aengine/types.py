@@ -21,6 +21,7 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 256
+MAX_N, MAX_TOP_LOGPROBS, MAX_LOGIT_BIAS = 16, 20, 1024
 
 
 @dataclass
@@ -34,6 +35,14 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    n: int = 1  # completions per prompt; the copies share the prompt's KV
+    logprobs: int | None = None  # None: off; k: the sampled token's logprob and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM's: divides positive, multiplies negative logits of
+    # tokens in the prompt or the output
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # end-of-sequence and stop token ids are masked before this many tokens
 
     def validate(self) -> None:
         bad = InvalidRequest
@@ -61,10 +70,39 @@ class SamplingParams:
             raise bad("stop_token_ids must be a list of integers")
         if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise bad(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise bad(f"logprobs (top_logprobs) must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {v!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 10:
+            raise bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if self.logit_bias is not None and not (
+            isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+            and all(isinstance(k, int) and isinstance(v, (int, float)) and -100 <= v <= 100
+                    for k, v in self.logit_bias.items())):
+            raise bad(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0 \
+                or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
 
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """The log-probability of one generated token (from the distribution after penalties and
+    bias, before temperature), and the `top` most likely alternatives as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +118,8 @@ class RequestOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     ttft_ms: float = 0.0  # from submission to the first token; 0 when none was generated
     total_ms: float = 0.0  # from submission to the last token
+    index: int = 0  # which of the request's n completions
+    logprobs: list[TokenLogprob] | None = None  # one per token when SamplingParams.logprobs is set
 
 
 @dataclass(slots=True)
@@ -91,6 +131,8 @@ class RequestDelta:
     text: str
     finish_reason: str | None = None
     output: RequestOutput | None = None
+    index: int = 0  # which of the request's n completions; each one ends with its own last delta
+    logprobs: list[TokenLogprob] | None = None  # for token_ids, when SamplingParams.logprobs is set
 
 
 EmitFn = Callable[[RequestDelta], None]

@@ -88,7 +88,14 @@ for s in $stages; do
         --load-format dummy --tokenizer .tok --kv-cache-dtype fp8_e4m3 --json "$LOGS/profile.jsonl" ;;
     startup) run "startup" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
 t = time.perf_counter(); from aengine import LLM; llm = LLM('$Q06', load_format='dummy', tokenizer='.tok'); \
-print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()" ;;
+print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()"
+      # where the time goes: imports alone (a second interpreter, warm file cache), then the tokenizer
+      run "startup imports" startup.log python3 -X importtime -c "import aengine.engine, transformers" 2> "$LOGS/importtime.log"
+      sort -t'|' -k2 -n "$LOGS/importtime.log" | tail -n 15 >> "$LOGS/startup.log"
+      run "startup parts" startup.log python3 -c "import time; t = time.perf_counter(); import torch; \
+a = time.perf_counter(); import transformers; b = time.perf_counter(); from aengine.tokenizer import Tokenizer; \
+from pathlib import Path; Tokenizer(Path('.tok')); c = time.perf_counter(); torch.zeros(1, device='cuda'); \
+print(f'torch {a - t:.2f} s, transformers {b - a:.2f} s, tokenizer {c - b:.2f} s, cuda init {time.perf_counter() - c:.2f} s')" ;;
     w2-profile) run "w2 profile" w2-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 1 --input-len 128,128 --output-len 512,512 --window 100,100 ;;
     w4|w4:*) extra=${s#w4}; extra=${extra#:}; extra=${extra//,/ }
@@ -96,6 +103,8 @@ print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close(
         --spawn "--model $Q06 --load-format dummy --tokenizer .tok $extra" --request-rate 32,inf \
         --connections 16 --label "W4 ${extra:-default}" --json "$LOGS/w4.jsonl"
       grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
+    w1:*) extra=${s#w1:}; extra=${extra//,/ }
+      bench "w1 $extra" --workload w1 --model $Q06 $extra ;;
     fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
     *) log "unknown stage $s" ;;
@@ -105,7 +114,7 @@ done
 so=$(cd /tmp/fi/.cache/flashinfer 2>/dev/null && find . -name '*.so' | head -n 50)
 if [ -n "$so" ]; then
   (cd /tmp/fi/.cache/flashinfer/*/*/cached_ops && find . -name '*.so' | tar czf - -T -) \
-    | split -b 16000000 - "$OUT/fi_so.tgz.part-"
+    | split -b 16000000 - "$OUT/fi_so_$(date +%H%M).tgz.part-"
 fi
 log "done"
 cp "$LOGS"/run.log "$LOGS"/figures.jsonl "$LOGS"/compare.txt "$OUT"/ 2>/dev/null

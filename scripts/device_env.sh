@@ -4,8 +4,8 @@
 # Installs whatever carried folders are present (see scripts/fetch-wheels.sh) into /tmp/site,
 # exports PYTHONPATH/PATH, and points flashinfer's JIT at /tmp/fi. flash-attn-4 arrives in two
 # calls: one that carries .fa4a stashes part 1 in /root/stage; the next one (while the machine
-# is still warm) carries .fa4b and completes the install. Compiled flashinfer kernels that an
-# earlier run brought back (.fi_cache/fi_so.tgz.part-*) are installed as flashinfer's AOT
+# is still warm) carries .fa4b and completes the install. Compiled flashinfer kernels that
+# earlier runs brought back (.fi_cache/<name>.tgz.part-*, one archive per run) are installed as flashinfer's AOT
 # modules, which skips their compile.
 mkdir -p /root/stage /tmp/site /tmp/fi
 [ -d .fa4a ] && cp .fa4a/* /root/stage/
@@ -23,8 +23,10 @@ export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTH
 export PATH=/tmp/site/bin:/usr/local/cuda/bin:$PATH
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi
-if ls .fi_cache/fi_so.tgz.part-* >/dev/null 2>&1 && [ -d /tmp/site/flashinfer ]; then
+if ls .fi_cache/*.tgz.part-* >/dev/null 2>&1 && [ -d /tmp/site/flashinfer ]; then
   mkdir -p /tmp/site/flashinfer/data/aot
-  cat .fi_cache/fi_so.tgz.part-* | tar xz -C /tmp/site/flashinfer/data/aot
+  for a in $(ls .fi_cache/*.tgz.part-* | sed 's/\.part-[a-z]*$//' | sort -u); do  # one archive per run
+    cat "$a".part-* | tar xz -C /tmp/site/flashinfer/data/aot
+  done
 fi
 true

@@ -1,5 +1,12 @@
 """aengine: a compact, fast LLM inference engine whose front door is a WebSocket."""
 
+import os
+
+# Models are local directories (or the embedded one): nothing is downloaded, so the Hub client
+# must not try. Without this, transformers' tokenizer loading can ask the Hub about a local path
+# and wait out network timeouts on a machine without internet (seconds of start-up).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from aengine.config import EngineConfig, ServerConfig
 from aengine.engine import AsyncEngine
 from aengine.llm import LLM

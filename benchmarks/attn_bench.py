@@ -56,7 +56,23 @@ def layout(k_tok: torch.Tensor, v_tok: torch.Tensor, ps: int, g: torch.Generator
     pin = dict(dtype=torch.int32, pin_memory=True)
     indptr, last = torch.arange(0, (b + 1) * npg, npg, **pin), torch.full((b,), L - (npg - 1) * ps, **pin)
     return {"pools": [(k, v)] + [(k.clone(), v.clone()) for _ in range(POOLS - 1)],
-            "plan": (indptr, ids, last, QO_HEADS, KV_HEADS, HEAD_DIM, ps), "qo": torch.arange(b + 1, **pin)}
+            "plan": (indptr, ids, last, QO_HEADS, KV_HEADS, HEAD_DIM, ps), "qo": torch.arange(b + 1, **pin),
+            "table": ids.view(b, npg), "seq": torch.full((b,), L, dtype=torch.int32, device=dev).view(torch.uint32)}
+
+
+class Xqa:
+    """flashinfer's XQA decode (TensorRT-LLM's; sm90 runs FP8 KV on tensor cores): no plan, a block
+    table [B, pages] and uint32 lengths; `plan` only binds this layout's table to the next runs."""
+
+    def __init__(self, fi: Any, dev: torch.device) -> None:
+        self.fi, self.ws = fi, torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)  # zeroed: semaphores
+
+    def plan(self, lay: dict) -> None:
+        self.table, self.seq = lay["table"], lay["seq"]
+
+    def run(self, q: torch.Tensor, kv: tuple) -> torch.Tensor:
+        return self.fi.decode.xqa_batch_decode_with_kv_cache(
+            q, kv, self.ws, self.table, self.seq, self.table.shape[1] * kv[0].shape[1], bmm1_scale=HEAD_DIM**-0.5)
 
 
 def host_us(fn: Any) -> float:
@@ -105,6 +121,8 @@ def main() -> None:
     wrappers = {"cuda": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False),
                 "tc": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True),
                 "fa2": fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")}
+    if torch.cuda.get_device_capability()[0] == 9:
+        wrappers["xqa"] = Xqa(fi, dev)
     kv_dt = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DTYPE
     if args.fa3 and args.kv_dtype != "fp8":  # flashinfer's fa3 reads FP8 KV only with FP8 queries
         wrappers["fa3"] = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
@@ -124,9 +142,15 @@ def main() -> None:
         for ps in sizes:
             lay = layout(k_tok, v_tok, ps, g, kv_dt)
             for kind, w in wrappers.items():
-                dec = kind in ("cuda", "tc")  # else the prefill kernel with one query row per sequence
-                a, kw = (lay["plan"], {}) if dec else ((lay["qo"], *lay["plan"]), {"causal": False})
-                plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=kv_dt, **kw))
+                if kind == "xqa":  # no plan; page sizes 16..128 only
+                    if ps not in (16, 32, 64, 128):
+                        continue
+                    w.plan(lay)
+                    plan_us = 0.0
+                else:
+                    dec = kind in ("cuda", "tc")  # else the prefill kernel with one query row per sequence
+                    a, kw = (lay["plan"], {}) if dec else ((lay["qo"], *lay["plan"]), {"causal": False})
+                    plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=kv_dt, **kw))
                 out = w.run(q, lay["pools"][0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 if (kind, ps) == ("cuda", sizes[0]):
@@ -136,15 +160,17 @@ def main() -> None:
                 rows.append(r := {"batch": b, "ctx": L, "page_size": ps, "kernel": kind, "us": us, "tb_per_s": tbs,
                                   "rel_err": err, "plan_us": plan_us, **info})
                 emit_json(r, args.json)
-    n, big = len(wrappers), max(args.batch)
+    big = max(args.batch)
     print(f"\nflashinfer {fi.__version__}, {info.get('card', '?')}: one layer, {QO_HEADS} q / {KV_HEADS} kv heads x "
           f"{HEAD_DIM} bf16, KV {args.kv_dtype}; cuda/tc = decode(use_tensor_cores=False/True), "
-          "fa2/fa3 = prefill(backend=), 1 query/seq")
+          "fa2/fa3 = prefill(backend=), 1 query/seq; xqa = decode.xqa_batch_decode_with_kv_cache")
     print(f"cell: GPU µs (median of {args.reps}), KV TB/s, rel err vs cuda ps={sizes[0]} (that cell: vs fp32 torch)")
     print(f"{'B':>4} {'L':>5} {'ps':>4} | " + " | ".join(f"{k:^21}" for k in wrappers))
-    for i in range(0, len(rows), n):
-        print(f"{rows[i]['batch']:4d} {rows[i]['ctx']:5d} {rows[i]['page_size']:4d} | " + " | ".join(
-            f"{r['us']:7.1f} {r['tb_per_s']:5.2f} {r['rel_err']:7.1e}" for r in rows[i : i + n]))
+    for key in dict.fromkeys((r["batch"], r["ctx"], r["page_size"]) for r in rows):
+        cell = {r["kernel"]: r for r in rows if (r["batch"], r["ctx"], r["page_size"]) == key}
+        print(f"{key[0]:4d} {key[1]:5d} {key[2]:4d} | " + " | ".join(
+            f"{c['us']:7.1f} {c['tb_per_s']:5.2f} {c['rel_err']:7.1e}" if (c := cell.get(k)) else f"{'-':^21}"
+            for k in wrappers))
     top = [r for r in rows if (r["batch"], r["ctx"]) == (big, args.ctx)]
     print(f"plan() host µs, B={big} L={args.ctx}, ps {'/'.join(map(str, sizes))}: " + " | ".join(
         k + " " + "/".join(f"{r['plan_us']:.0f}" for r in top if r["kernel"] == k) for k in wrappers))

@@ -75,15 +75,18 @@ for s in $stages; do
         run "profile mini-sglang" profile.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/step_profile.py \
           --engine minisgl --model /tmp/q06 --quarter --json "$LOGS/profile.jsonl"
       fi ;;
-    tests) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
-      run "gpu tests" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT
+    tests|tests:*) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
+      k=${s#tests}; k=${k#:}  # tests:EXPR runs only the tests pytest -k EXPR selects
+      run "gpu tests ${k}" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT ${k:+-k "$k"}
       grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log"
       if grep -q "FAILED.*test_fused_qkv_store" "$LOGS/gpu-tests.log"; then
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"
       fi ;;
-    attn) run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" ;;
-    attn-fp8) run "attn bench, FP8 KV" attn-fp8.log python3 benchmarks/attn_bench.py --kv-dtype fp8 \
-        --json "$LOGS/attn.jsonl" ;;
+    attn|attn:*) extra=${s#attn}; extra=${extra#:}; extra=${extra//,/ }
+      run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" $extra ;;
+    attn-fp8|attn-fp8:*) extra=${s#attn-fp8}; extra=${extra#:}; extra=${extra//,/ }
+      run "attn bench, FP8 KV" attn-fp8.log python3 benchmarks/attn_bench.py --kv-dtype fp8 \
+        --json "$LOGS/attn.jsonl" $extra ;;
     profile-fp8) run "profile aengine, FP8 KV" profile-fp8.log python3 benchmarks/step_profile.py --model $Q06 \
         --load-format dummy --tokenizer .tok --kv-cache-dtype fp8_e4m3 --json "$LOGS/profile.jsonl" ;;
     startup) run "startup" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \

@@ -9,7 +9,14 @@ and kv_data_type = float8_e4m3fn, so the kernels read FP8 pages and upcast them 
 (decode: the CUDA-core kernel, or the tensor-core one, which is the fa2 prefill kernel; prefill:
 fa2, which takes bf16 q over FP8 KV; the sm90 fa3 kernel wants FP8 q as well). run() takes the
 layer's k_scale and v_scale as Python floats: k_scale is folded into the softmax scale, and a
-v_scale other than 1.0 costs one in-place multiply of the output."""
+v_scale other than 1.0 costs one in-place multiply of the output.
+
+On Hopper with FP8 KV and pages of 16..128 tokens, decode runs flashinfer's XQA kernel instead
+(TensorRT-LLM's; it reads FP8 pages on tensor cores, quantizing q to FP8): the CUDA-core kernel
+takes as long over FP8 pages as over bf16 ones, so FP8 would halve the bytes but not the time
+(benchmarks/attn_bench.py --kv-dtype fp8). XQA needs no plan: it reads a block table
+[batch, pages] (the page table's rows for the batch, gathered on the device inside the step) and
+the lengths."""
 
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from aengine.cache.pool import KVPool
 
 WORKSPACE_BYTES = 256 << 20  # split-k partial results; flashinfer recommends 128 MB and up
 PREFILL_KERNEL = "fa2"  # the sm90 "fa3" variant doubles the first-use compile for little gain here
+XQA_PAGE_SIZES = (16, 32, 64, 128)
+XQA_WORKSPACE_BYTES = 64 << 20  # its own, zeroed: its first 8 MB are semaphores that must start at 0
 
 
 class FlashInferBackend(AttentionBackend):
@@ -47,6 +56,10 @@ class FlashInferBackend(AttentionBackend):
         self.graph_w: dict[int, object] = {}
         self.wrapper: object = self.decode_w
         self.planned: torch.cuda.Event | None = None
+        hopper = torch.cuda.get_device_capability(self.device)[0] == 9
+        self.xqa = pool.fp8 and pool.page_size in XQA_PAGE_SIZES and hopper
+        if self.xqa:
+            self.xqa_ws = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
 
     def _pages(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Host (pinned) qo_indptr, kv_indptr, last_page_len, and the device list of page ids."""
@@ -88,10 +101,18 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, fb: ForwardBatch) -> None:
         super().prepare(fb)
-        self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
+        if not (fb.decode and self.xqa):
+            self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
     def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         kv = (self.pool.k[layer], self.pool.v[layer])
+        if self.fb.decode and self.xqa:
+            if layer == 0:  # once per step, inside the forward (and so inside a captured graph)
+                self.table = self.page_table[self.fb.slots.long()]
+                self.seq_u32 = self.fb.seq_lens.to(torch.int32).view(torch.uint32)
+            return self.fi.decode.xqa_batch_decode_with_kv_cache(
+                q.contiguous(), kv, self.xqa_ws, self.table, self.seq_u32, self.table.shape[1] * self.pool.page_size,
+                bmm1_scale=self.pool.k_scale[layer] * self.head_dim**-0.5, bmm2_scale=self.pool.v_scale[layer])
         if not self.pool.fp8:
             return self.wrapper.run(q.contiguous(), kv)
         return self.wrapper.run(q.contiguous(), kv, k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer])
@@ -105,6 +126,8 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
         super().prepare(fb)
+        if self.xqa:  # nothing to plan: the captured step gathers its block table itself
+            return
         bs = fb.batch_size
         if bs not in self.graph_w:
             self.graph_w[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(

@@ -29,7 +29,7 @@ WARMUP, PLAN_REPS = 10, 20
 
 
 def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",")]
+    return [int(x) for x in s.replace("/", ",").split(",")]  # "/" too: the device script turns commas into spaces
 
 
 def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,11 @@ print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close(
       run "startup imports" startup.log python3 -X importtime -c "import aengine.engine, transformers" 2> "$LOGS/importtime.log"
       sort -t'|' -k2 -n "$LOGS/importtime.log" | tail -n 15 >> "$LOGS/startup.log"
       run "startup parts" startup.log python3 -c "import time; t = time.perf_counter(); import torch; \
-a = time.perf_counter(); import transformers; b = time.perf_counter(); from aengine.tokenizer import Tokenizer; \
-from pathlib import Path; Tokenizer(Path('.tok')); c = time.perf_counter(); torch.zeros(1, device='cuda'); \
-print(f'torch {a - t:.2f} s, transformers {b - a:.2f} s, tokenizer {c - b:.2f} s, cuda init {time.perf_counter() - c:.2f} s')" ;;
+a = time.perf_counter(); import aengine, transformers; b = time.perf_counter(); from aengine.tokenizer import Tokenizer; \
+from pathlib import Path; import cProfile, pstats; pr = cProfile.Profile(); pr.enable(); Tokenizer(Path('.tok')); \
+pr.disable(); c = time.perf_counter(); torch.zeros(1, device='cuda'); \
+print(f'torch {a - t:.2f} s, aengine+transformers {b - a:.2f} s, tokenizer {c - b:.2f} s, cuda init {time.perf_counter() - c:.2f} s'); \
+pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
     w2-profile) run "w2 profile" w2-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 1 --input-len 128,128 --output-len 512,512 --window 100,100 ;;
     w4|w4:*) extra=${s#w4}; extra=${extra#:}; extra=${extra//,/ }

@@ -199,7 +199,7 @@ def engine_logits(path: str, monkeypatch: pytest.MonkeyPatch, new_tokens: int = 
     return rec, [o.token_ids for o in outs]
 
 
-def agreeing_steps(ref: list[torch.Tensor], got: list[torch.Tensor]) -> int:
+def agreeing_steps(ref: list[torch.Tensor], got: list[torch.Tensor], tie: float = 2e-2) -> int:
     """Steps whose inputs agree: up to and including the first whose greedy tokens differ. In bf16
     two correct kernels can flip a near tie (a 0.006 gap between logits of 5.3 did, for the
     157-token prompt); from then on the runs feed different tokens and their logits no longer
@@ -210,7 +210,7 @@ def agreeing_steps(ref: list[torch.Tensor], got: list[torch.Tensor]) -> int:
         if not torch.equal(ra, rb):
             rows = (ra != rb).nonzero().flatten().tolist()
             gaps = [(a[r].max() - a[r, rb[r]]).item() / a[r].abs().max().item() for r in rows]
-            assert max(gaps) <= 2e-2, f"step {step}: rows {rows} took tokens {gaps} (relative) below the top"
+            assert max(gaps) <= tie, f"step {step}: rows {rows} took tokens {gaps} (relative) below the top"
             return step + 1
     return len(ref)
 
@@ -409,7 +409,9 @@ def test_fp8_backend_matches_torch(case: str, heads: int, head_dim: int) -> None
             ref = b.run(b.backend("torch"), fb, q, k, v)
         err = rel(out, ref)
         print(f"fp8 {case} heads {heads} head_dim {head_dim} page {ps}: {err:.2e}")
-        assert err <= 1e-2, (case, heads, head_dim, ps, err)
+        # XQA (Hopper FP8 decode, pages >= 16) also rounds q and the softmax weights to FP8: 1.3e-2 measured
+        xqa = case == "decode" and ps >= 16 and torch.cuda.get_device_capability()[0] == 9
+        assert err <= (2e-2 if xqa else 1e-2), (case, heads, head_dim, ps, err)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -494,7 +496,7 @@ def test_fp8_engine_logits_match_torch_backend(graphs: int, qwen3_dir: str, monk
     ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps, **FP8)
     got, _ = engine_logits(qwen3_dir, monkeypatch, attn="fi", page_size=ps, cuda_graph_max_bs=graphs, **FP8)
     assert len(ref) == len(got) and len(ref) > 10
-    n = agreeing_steps(ref, got)
+    n = agreeing_steps(ref, got, tie=4e-2)  # XQA's FP8 q and softmax weights (see above): wider ties
     errs = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
     print(f"fp8 fi page {ps} graphs {graphs}: {n} of {len(ref)} steps compared, errors {errs}")
     assert n > len(ref) // 3, f"greedy tokens part after {n} steps"

@@ -55,6 +55,9 @@ class ModelRunner:
         prefill_attn, decode_attn = attn_names(cfg, self.device)
         check_kv_dtype((prefill_attn, decode_attn), self.kv_dtype)  # before the weights load: fail fast
         self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
+        if not cfg.page_size and self.kv_dtype == torch.float8_e4m3fn and decode_attn == "fi" \
+                and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9:
+            self.page_size = 64  # FP8 decode's fast kernel on Hopper (XQA) takes pages of 16..128 tokens
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             prev = torch.get_default_dtype()

@@ -11,10 +11,13 @@ from tokenizers.decoders import DecodeStream
 
 class Tokenizer:
     def __init__(self, path: Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        # a local directory: never ask the hub (offline machines would wait on its timeouts)
-        self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # A tokenizer.json loads straight into the fast class: AutoTokenizer's class lookup imports
+        # much of transformers (generation, tensor parallelism, sympy: seconds of start-up).
+        # A local directory: never ask the hub (offline machines would wait on its timeouts).
+        cls = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else AutoTokenizer
+        self.hf = cls.from_pretrained(str(path), local_files_only=True)
         self.eos_ids = _eos_ids(path, self.hf)
         # the most UTF-8 bytes one token can stand for (its vocabulary string's bytes bound them
         # from above): text longer than this times a context cannot fit it, whatever its tokens

@@ -486,22 +486,25 @@ def test_fp8_engine_prompt_logits(qwen3_dir: str, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")
 @pytest.mark.parametrize("graphs", [256, 0])
 def test_fp8_engine_logits_match_torch_backend(graphs: int, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fi with FP8 KV (fused write, FP8 prefill and decode kernels, CUDA graphs) against the torch
-    backend with FP8 KV, step by step, while their greedy tokens agree. Tolerance 6e-2, not bf16's
-    2e-2: the two runs differ in bf16's last bits before the KV write (bf16 runs: 1.2e-2), and FP8
-    rounding turns some of those bits into whole FP8 steps. On this model's shape, on the CPU, a
-    2**-9 relative perturbation of K/V before the write moves the logits 0.4-0.5 % with an fp32
-    cache and 2.3-3.4 % with an FP8 one (FP8 against fp32 itself: 7 %)."""
+    """fi with FP8 KV (fused write, FP8 prefill and decode kernels, CUDA graphs; on Hopper decode is
+    XQA, which also rounds q and the softmax weights to FP8) step by step against the torch backend
+    with bf16 KV, while their greedy tokens agree: no less accurate than the torch backend over FP8
+    KV (exact arithmetic over the same kind of pages). The two FP8 runs cannot be compared with each
+    other at bf16 tolerance: they differ in bf16's last bits before the KV write, and FP8 rounding
+    turns some of those bits into whole FP8 steps (on this model's shape, on the CPU, a 2**-9
+    relative perturbation of K/V before the write moves the logits 0.4-0.5 % with an fp32 cache and
+    2.3-3.4 % with an FP8 one)."""
     ps = PAGES["fi"][-1]
-    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps, **FP8)
+    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps)
+    tq, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps, **FP8)
     got, _ = engine_logits(qwen3_dir, monkeypatch, attn="fi", page_size=ps, cuda_graph_max_bs=graphs, **FP8)
-    assert len(ref) == len(got) and len(ref) > 10
-    n = agreeing_steps(ref, got, tie=4e-2)  # XQA's FP8 q and softmax weights (see above): wider ties
-    errs = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
-    print(f"fp8 fi page {ps} graphs {graphs}: {n} of {len(ref)} steps compared, errors {errs}")
+    assert len(ref) == len(tq) == len(got) and len(ref) > 10
+    n = min(agreeing_steps(ref, got, tie=6e-2), agreeing_steps(ref, tq, tie=6e-2))
+    e_f = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
+    e_t = [rel(a, b) for a, b in zip(tq[:n], ref[:n])]
+    print(f"fp8 page {ps} graphs {graphs}, {n} of {len(ref)} steps vs bf16 KV: fi {e_f}; torch {e_t}")
     assert n > len(ref) // 3, f"greedy tokens part after {n} steps"
-    bad = [(step, round(e, 4)) for step, e in enumerate(errs) if e > 6e-2]
-    assert not bad, f"steps over 6e-2 (step, error): {bad}; all: {errs}"
+    assert sum(e_f) / n <= 1.5 * sum(e_t) / n + 1e-2, (e_f, e_t)
 
 
 @pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")

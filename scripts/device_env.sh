@@ -23,6 +23,10 @@ export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTH
 export PATH=/tmp/site/bin:/usr/local/cuda/bin:$PATH
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi
+# an installed package normally has its bytecode compiled; here (read-only site-packages, wheels
+# installed --no-compile) every process would compile the sources it imports again: seconds of
+# every engine's start-up. Both engines get the cache. No hub on this machine: never ask it.
+export PYTHONPYCACHEPREFIX=/tmp/pyc HF_HUB_OFFLINE=1
 if ls .fi_cache/*.tgz.part-* >/dev/null 2>&1 && [ -d /tmp/site/flashinfer ]; then
   mkdir -p /tmp/site/flashinfer/data/aot
   for a in $(ls .fi_cache/*.tgz.part-* | sed 's/\.part-[a-z]*$//' | sort -u); do  # one archive per run

@@ -27,6 +27,7 @@ export FLASHINFER_WORKSPACE_BASE=/tmp/fi
 # installed --no-compile) every process would compile the sources it imports again: seconds of
 # every engine's start-up. Both engines get the cache. No hub on this machine: never ask it.
 export PYTHONPYCACHEPREFIX=/tmp/pyc HF_HUB_OFFLINE=1
+unset PYTHONDONTWRITEBYTECODE
 if ls .fi_cache/*.tgz.part-* >/dev/null 2>&1 && [ -d /tmp/site/flashinfer ]; then
   mkdir -p /tmp/site/flashinfer/data/aot
   for a in $(ls .fi_cache/*.tgz.part-* | sed 's/\.part-[a-z]*$//' | sort -u); do  # one archive per run

@@ -488,9 +488,9 @@ def test_fp8_engine_prompt_logits(qwen3_dir: str, monkeypatch: pytest.MonkeyPatc
 def test_fp8_engine_logits_match_torch_backend(graphs: int, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """fi with FP8 KV (fused write, FP8 prefill and decode kernels, CUDA graphs; on Hopper decode is
     XQA, which also rounds q and the softmax weights to FP8) step by step against the torch backend
-    with bf16 KV, while their greedy tokens agree: no less accurate than the torch backend over FP8
-    KV (exact arithmetic over the same kind of pages). The two FP8 runs cannot be compared with each
-    other at bf16 tolerance: they differ in bf16's last bits before the KV write, and FP8 rounding
+    with FP8 KV, while their greedy tokens agree: the two differ by less than FP8 KV differs from
+    bf16 KV (measured 2.8-7.4 % against 6.6-7.5 %). They cannot be compared at bf16 tolerance:
+    they differ in bf16's last bits before the KV write, and FP8 rounding
     turns some of those bits into whole FP8 steps (on this model's shape, on the CPU, a 2**-9
     relative perturbation of K/V before the write moves the logits 0.4-0.5 % with an fp32 cache and
     2.3-3.4 % with an FP8 one)."""
@@ -499,12 +499,14 @@ def test_fp8_engine_logits_match_torch_backend(graphs: int, qwen3_dir: str, monk
     tq, _ = engine_logits(qwen3_dir, monkeypatch, attn="torch", page_size=ps, **FP8)
     got, _ = engine_logits(qwen3_dir, monkeypatch, attn="fi", page_size=ps, cuda_graph_max_bs=graphs, **FP8)
     assert len(ref) == len(tq) == len(got) and len(ref) > 10
-    n = min(agreeing_steps(ref, got, tie=6e-2), agreeing_steps(ref, tq, tie=6e-2))
-    e_f = [rel(a, b) for a, b in zip(got[:n], ref[:n])]
-    e_t = [rel(a, b) for a, b in zip(tq[:n], ref[:n])]
-    print(f"fp8 page {ps} graphs {graphs}, {n} of {len(ref)} steps vs bf16 KV: fi {e_f}; torch {e_t}")
+    n = agreeing_steps(tq, got, tie=6e-2)  # the two FP8 runs, while they take the same tokens
+    e_ft = [rel(a, b) for a, b in zip(got[:n], tq[:n])]
+    m = agreeing_steps(ref, tq, tie=6e-2)  # FP8 against bf16 KV (this random model's ties part them soon)
+    e_t = [rel(a, b) for a, b in zip(tq[:m], ref[:m])]
+    print(f"fp8 page {ps} graphs {graphs}: fi vs torch, both FP8, {n} of {len(ref)} steps: {e_ft}; "
+          f"torch FP8 vs bf16 KV, {m} steps: {e_t}")
     assert n > len(ref) // 3, f"greedy tokens part after {n} steps"
-    assert sum(e_f) / n <= 1.5 * sum(e_t) / n + 1e-2, (e_f, e_t)
+    assert max(e_ft) <= 1.5 * sum(e_t) / m, "fi and torch over FP8 KV differ more than FP8 differs from bf16"
 
 
 @pytest.mark.skipif(not HAS_FI, reason="flashinfer not installed")

@@ -16,6 +16,11 @@ if [ -d .fa4b ]; then
       && rm -f /root/stage/"$n".part.aa
   done
 fi
+# The embedded model's GGUF (98 MB) is more than one call may carry: three consecutive calls carry
+# .gguf1, .gguf2, .gguf3 (a third each; the machine keeps what earlier calls left while it is warm)
+if [ -d .gguf1 ] && [ -d .gguf2 ] && [ -d .gguf3 ]; then
+  cat .gguf1/* .gguf2/* .gguf3/* > /tmp/smollm2.gguf && export AENGINE_FP8_LL_MODEL=/tmp/smollm2.gguf
+fi
 whls=$(ls .whl/*.whl /root/stage/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
 [ -n "$whls" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site $whls

@@ -4,6 +4,7 @@ token, and turns one StepInput into sampled token ids on the device."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -59,6 +60,7 @@ class ModelRunner:
                 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9:
             self.page_size = 64  # FP8 decode's fast kernel on Hopper (XQA) takes pages of 16..128 tokens
         torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
         with torch.device(self.device):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
@@ -78,8 +80,9 @@ class ModelRunner:
         self.pool = KVPool(self.num_layers, self.num_pages, self.page_size, attn.n_kv_local, attn.head_dim,
                            self.kv_dtype, self.device, scales=self._kv_scales())
         if tp().rank == 0:
-            log.info("KV cache: %d tokens, %.2f GiB, %s (%d pages of %d)", self.pool.capacity,
-                     self.pool.nbytes / 2**30, dtype_name(self.kv_dtype), self.num_pages, self.page_size)
+            log.info("KV cache: %d tokens, %.2f GiB, %s (%d pages of %d); model and weights took %.1f s",
+                     self.pool.capacity, self.pool.nbytes / 2**30, dtype_name(self.kv_dtype), self.num_pages,
+                     self.page_size, time.perf_counter() - t0)
         self.max_slots = cfg.max_running_requests + 1  # +1: slot 0 is scratch for padded rows
         max_pages = (self.max_model_len + self.page_size - 1) // self.page_size
         self.page_table = torch.zeros(self.max_slots, max_pages, dtype=torch.int32, device=self.device)

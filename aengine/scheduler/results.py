@@ -6,11 +6,17 @@ from __future__ import annotations
 import time
 
 from aengine.scheduler.request import Req
-from aengine.types import RequestDelta, RequestOutput
+from aengine.types import RequestDelta, RequestOutput, TokenLogprob
 
 
-def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
-    """Add tok to req's output; returns the finish reason it causes, if any."""
+def append_token(req: Req, tok: int | list[float], eos_ids: set[int], max_model_len: int, k: int) -> str | None:
+    """Add tok to req's output (with logprobs, k >= 0: the runner's row, sampler.with_logprobs);
+    returns the finish reason it causes, if any."""
+    if k >= 0:
+        row, n = tok, req.params.logprobs
+        tok = int(row[0])
+        if n is not None:
+            req.logprobs.append(TokenLogprob(tok, row[1], list(zip(map(int, row[2 : 2 + n]), row[2 + k : 2 + k + n]))))
     t = time.monotonic()
     if not req.output_ids:
         req.t_first = t
@@ -30,8 +36,10 @@ def output(req: Req, reason: str) -> RequestOutput:
     ms = lambda t: (t - req.t_arrival) * 1e3  # noqa: E731
     return RequestOutput(req.rid, req.detok.text, list(req.output_ids), reason, len(req.prompt_ids),
                          req.cached_tokens, req.prompt_ids, ms(req.t_first) if req.t_first else 0.0,
-                         ms(req.t_last or req.t_arrival))
+                         ms(req.t_last or req.t_arrival), req.index,
+                         None if req.logprobs is None else list(req.logprobs))
 
 
 def emit(req: Req, ids: list[int], text: str, reason: str | None = None) -> None:
-    req.emit(RequestDelta(ids, text, reason, output(req, reason) if reason is not None else None))
+    lp = None if req.logprobs is None else req.logprobs[len(req.logprobs) - len(ids) :]
+    req.emit(RequestDelta(ids, text, reason, output(req, reason) if reason is not None else None, req.index, lp))

@@ -9,14 +9,17 @@ from aengine.scheduler.request import Req
 from aengine.types import RequestDelta, RequestOutput, TokenLogprob
 
 
-def append_token(req: Req, tok: int | list[float], eos_ids: set[int], max_model_len: int, k: int) -> str | None:
-    """Add tok to req's output (with logprobs, k >= 0: the runner's row, sampler.with_logprobs);
-    returns the finish reason it causes, if any."""
-    if k >= 0:
-        row, n = tok, req.params.logprobs
-        tok = int(row[0])
-        if n is not None:
-            req.logprobs.append(TokenLogprob(tok, row[1], list(zip(map(int, row[2 : 2 + n]), row[2 + k : 2 + k + n]))))
+def take_logprobs(req: Req, row: list[float], k: int) -> int:
+    """The token of a runner's row of a step with logprobs (sampler.with_logprobs: top k), keeping
+    its logprobs if req asked for them."""
+    tok, n = int(row[0]), req.params.logprobs
+    if n is not None:
+        req.logprobs.append(TokenLogprob(tok, row[1], list(zip(map(int, row[2 : 2 + n]), row[2 + k : 2 + k + n]))))
+    return tok
+
+
+def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
+    """Add tok to req's output; returns the finish reason it causes, if any."""
     t = time.monotonic()
     if not req.output_ids:
         req.t_first = t

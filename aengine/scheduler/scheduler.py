@@ -26,7 +26,7 @@ from aengine.scheduler.decode import DecodePlanner
 from aengine.scheduler.kv import KVManager
 from aengine.scheduler.prefill import PrefillPlanner
 from aengine.scheduler.request import Req
-from aengine.scheduler.results import append_token, emit
+from aengine.scheduler.results import append_token, emit, take_logprobs
 from aengine.types import EngineStats
 
 log = logging.getLogger("aengine")
@@ -183,7 +183,9 @@ class Scheduler:
             if req.finish_reason is not None:
                 continue  # finished while this step was in flight: its token is discarded
             self.counters.generated_tokens += 1
-            reason = append_token(req, tok, self.eos_ids, self.max_model_len, inp.logprobs)
+            if inp.logprobs >= 0:
+                tok = take_logprobs(req, tok, inp.logprobs)
+            reason = append_token(req, tok, self.eos_ids, self.max_model_len)
             text = req.detok.delta(final=reason is not None)
             if reason is not None:
                 self._finish(req, reason, [tok], text)

@@ -43,17 +43,18 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
             inp.top_k.append(max(0, p.top_k))
             inp.min_p.append(float(p.min_p))
             inp.seeds.append(-1 if p.seed is None else p.seed)
-            row = len(inp.sample_rows) - 1
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
-                prompt = req.prompt_ids if p.repetition_penalty != 1 else []
-                inp.pen.append((row, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
-                                len(req.output_ids), len(prompt), req.pending))
-                inp.seen_ids += req.output_ids + prompt
-            if len(req.output_ids) + req.pending < p.min_tokens:
-                inp.bias += [(row, t, -float("inf")) for t in eos_ids.union(p.stop_token_ids or ())]
-            if p.logit_bias:
-                inp.bias += [(row, t, b) for t, b in p.logit_bias.items()]
-            if p.logprobs is not None:
-                inp.logprobs = max(inp.logprobs, p.logprobs)
+            if req.processed:
+                row = len(inp.sample_rows) - 1
+                if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+                    prompt = req.prompt_ids if p.repetition_penalty != 1 else []
+                    inp.pen.append((row, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                                    len(req.output_ids), len(prompt), req.pending))
+                    inp.seen_ids += req.output_ids + prompt
+                if len(req.output_ids) + req.pending < p.min_tokens:
+                    inp.bias += [(row, t, -float("inf")) for t in eos_ids.union(p.stop_token_ids or ())]
+                if p.logit_bias:
+                    inp.bias += [(row, t, b) for t, b in p.logit_bias.items()]
+                if p.logprobs is not None:
+                    inp.logprobs = max(inp.logprobs, p.logprobs)
             req.pending += 1
     return inp

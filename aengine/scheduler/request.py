@@ -43,6 +43,9 @@ class Req:
     def __post_init__(self) -> None:
         # the opening tokens that requests sharing a prompt prefix have in common
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
+        p = self.params  # whether its rows need batch.py's logit processing: one check per step if not
+        self.processed = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                              or p.logit_bias or p.min_tokens or p.logprobs is not None)
 
     @property
     def prefilling(self) -> bool:

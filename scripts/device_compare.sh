@@ -76,7 +76,7 @@ for s in $stages; do
           --engine minisgl --model /tmp/q06 --quarter --json "$LOGS/profile.jsonl"
       fi ;;
     tests) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
-      run "gpu tests" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT
+      run "gpu tests" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py tests/test_sampling_params.py -p no:cacheprovider $PT
       grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log"
       if grep -q "FAILED.*test_fused_qkv_store" "$LOGS/gpu-tests.log"; then
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"

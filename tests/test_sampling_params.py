@@ -228,3 +228,43 @@ def test_protocol_v1(tiny, llm):
         time.sleep(0.3)  # the cancelled copies' KV is freed within a step
         m = srv.metrics()
         assert m["aengine_kv_pages_used"] == 0 and m["aengine_requests_running"] == 0
+
+
+def test_async_generate_n_and_abort(llm):
+    """AsyncEngine.generate yields the n completions' deltas and ends after the last; leaving it
+    early aborts every copy."""
+    eng = llm.engine
+
+    async def go() -> tuple[list, list]:
+        sp = SamplingParams(max_tokens=5, temperature=1.0, seed=1, n=2, ignore_eos=True)
+        ds = [d async for d in eng.generate("g1", PROMPT, sp)]
+        gen = eng.generate("g2", PROMPT, SamplingParams(max_tokens=400, n=3, ignore_eos=True))
+        async for _ in gen:
+            break
+        await gen.aclose()  # the finally clause aborts "g2"
+        while eng.stats().requests:
+            await asyncio.sleep(0.01)
+        return ds, [d.output for d in ds if d.output is not None]
+
+    ds, outs = llm._loop.run_until_complete(go())
+    assert sorted(o.index for o in outs) == [0, 1] and ds[-1].finish_reason == "length"
+    for o in outs:
+        assert [t for d in ds if d.index == o.index for t in d.token_ids] == o.token_ids
+    st = eng.stats()
+    assert st.running == st.waiting == 0 and not eng.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tiny, llm):
+    """The same processing on CUDA (CUDA-graph decode, the Triton sampler for the unseeded rows)."""
+    sps = [greedy(frequency_penalty=1.5, presence_penalty=0.5), greedy(repetition_penalty=1.8, logprobs=3),
+           greedy(logit_bias={42: 100}), greedy(min_tokens=4, logit_bias={2: 30}), greedy(),
+           SamplingParams(max_tokens=N, temperature=0.8, n=3, ignore_eos=True)]
+    with LLM(str(tiny), dtype="float32", device="cuda") as gpu:
+        got = gpu.generate([PROMPT] * len(sps), sps)
+        kv_leak_free(gpu)
+    want = llm.generate([PROMPT] * len(sps), sps)
+    assert [o.token_ids for o in got[:5]] == [o.token_ids for o in want[:5]]
+    assert [t.logprob for t in got[1].logprobs] == pytest.approx([t.logprob for t in want[1].logprobs], abs=1e-3)
+    assert [o.index for o in got[5:]] == [0, 1, 2] and all(len(o.token_ids) == N for o in got[5:])

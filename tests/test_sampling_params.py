@@ -45,11 +45,14 @@ def llm(tiny):
 
 
 @torch.no_grad()
-def hf_greedy(hf, prompt: list[int], n: int, pres: float = 0.0, freq: float = 0.0) -> list[int]:
+def hf_greedy(hf, prompt: list[int], n: int, pres: float = 0.0, freq: float = 0.0,
+              bias: dict[int, float] | None = None) -> list[int]:
     """Greedy on HF's logits with OpenAI's presence/frequency penalties over the generated tokens."""
     ids, out = list(prompt), []
     for _ in range(n):
         x = hf(torch.tensor([ids])).logits[0, -1]
+        for t, b in (bias or {}).items():
+            x[t] += b
         c = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.shape[0]).float()
         tok = int((x - freq * c - pres * (c > 0)).argmax())
         out.append(tok)
@@ -62,12 +65,16 @@ def repeats(ids: list[int]) -> int:
 
 
 @pytest.mark.parametrize("kw", [dict(frequency_penalty=1.5), dict(presence_penalty=1.5),
-                                dict(frequency_penalty=0.7, presence_penalty=0.4)])
+                                dict(frequency_penalty=0.7, presence_penalty=0.4),
+                                # token 42 would come every time: the token just sampled (still in flight
+                                # when the next step is built) must count
+                                dict(frequency_penalty=0.3, logit_bias={42: 1.0})])
 def test_openai_penalties_match_reference_and_cut_repeats(llm, hf, kw):
-    base = llm.generate([PROMPT], greedy())[0].token_ids
+    bias = kw.get("logit_bias")
+    base = llm.generate([PROMPT], greedy(logit_bias=bias))[0].token_ids
     out = llm.generate([PROMPT], greedy(**kw))[0].token_ids
-    assert base == hf_greedy(hf, PROMPT, N)
-    assert out == hf_greedy(hf, PROMPT, N, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0))
+    assert base == hf_greedy(hf, PROMPT, N, bias=bias)
+    assert out == hf_greedy(hf, PROMPT, N, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0), bias)
     assert repeats(out) < repeats(base)
 
 

@@ -130,22 +130,24 @@ def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor,
     if not inp.pen and not inp.bias:
         return logits
     x, dev = logits.float(), logits.device
+    # pinned and asynchronous: a copy from pageable memory would wait for the step in flight
+    up = (lambda t: t.pin_memory().to(dev, non_blocking=True)) if dev.type == "cuda" else (lambda t: t)
     if inp.pen:
         p = torch.tensor(inp.pen, dtype=torch.float64)
-        rows, n = p[:, 0].long().to(dev), len(inp.pen)
+        n, fly = len(inp.pen), torch.nonzero(p[:, 6] > 0).view(-1)
+        rows, which, seen, fly = (up(t) for t in (p[:, 0].long(), torch.arange(2 * n).repeat_interleave(
+            p[:, 4:6].long().flatten()), torch.tensor(inp.seen_ids, dtype=torch.long), fly))
         c = torch.zeros(2 * n, x.shape[1], device=dev)  # rows 2i: generated counts, 2i + 1: in the prompt
-        which = torch.arange(2 * n).repeat_interleave(p[:, 4:6].long().flatten()).to(dev)
-        c.index_put_((which, torch.tensor(inp.seen_ids, dtype=torch.long, device=dev)), c.new_ones(()), True)
-        fly = torch.nonzero(p[:, 6] > 0).view(-1).to(dev)
+        c.index_put_((which, seen), c.new_ones(()), True)
         c.index_put_((2 * fly, last_tok[slots[rows[fly]].long()].long()), c.new_ones(()), True)
         gen, c = c[0::2], c[0::2] + c[1::2]
-        pres, freq, rep = (p[:, i : i + 1].float().to(dev) for i in (1, 2, 3))
+        pres, freq, rep = up(p[:, 1:4].float()).split(1, 1)
         y = x[rows]
         y = torch.where(c > 0, torch.where(y > 0, y / rep, y * rep), y) - freq * gen - pres * (gen > 0)
         x[rows] = y
     if inp.bias:
         b = torch.tensor(inp.bias, dtype=torch.float64)
-        x.index_put_((b[:, 0].long().to(dev), b[:, 1].long().to(dev)), b[:, 2].float().to(dev), True)
+        x.index_put_((up(b[:, 0].long()), up(b[:, 1].long())), up(b[:, 2].float()), True)
     return x
 
 

@@ -12,6 +12,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from aengine import LLM, SamplingParams
+from clients.client import Client
 from tests.conftest import build_tiny, kv_leak_free
 from tests.server_util import running_server
 
@@ -229,6 +230,9 @@ def test_protocol_v1(tiny, llm):
                 await ws.send(json.dumps({**base, "id": "bad", "max_tokens": 4, **bad}))
                 m = json.loads(await asyncio.wait_for(ws.recv(), 60))
                 assert m["type"] == "error" and m["code"] == "invalid_request" and why in m["message"], m
+        async with await Client.connect(url) as c:  # the Python client waits for all n done frames
+            fs = [m async for m in c.generate(input_ids=PROMPT, max_tokens=3, n=2, temperature=0, ignore_eos=True)]
+            assert sorted(m.get("index", 0) for m in fs if m["type"] == "done") == [0, 1] and fs[-1]["type"] == "done"
 
     with running_server("--model", str(tiny), "--dtype", "float32", "--device", "cpu") as srv:
         asyncio.run(go(srv.url))

@@ -46,10 +46,9 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
             if req.processed:
                 row = len(inp.sample_rows) - 1
                 if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
-                    prompt = req.prompt_ids if p.repetition_penalty != 1 else []
                     inp.pen.append((row, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
-                                    len(req.output_ids), len(prompt), req.pending))
-                    inp.seen_ids += req.output_ids + prompt
+                                    len(req.output_ids), len(req.prompt_set), req.pending))
+                    inp.seen_ids += req.output_ids + req.prompt_set
                 if len(req.output_ids) + req.pending < p.min_tokens:
                     inp.bias += [(row, t, -float("inf")) for t in eos_ids.union(p.stop_token_ids or ())]
                 if p.logit_bias:

@@ -5,6 +5,7 @@ and turns prompts into token ids. Callers see public values only (aengine.types)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -156,7 +157,8 @@ class AsyncEngine:
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
         """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
-        carrying the finish reason and the RequestOutput."""
+        carrying the finish reason and the RequestOutput (with n > 1: a last one per completion,
+        told apart by `index`; copy i > 0 of a seeded request draws with a seed derived from it)."""
         if self.scheduler is None or self.task is None:
             raise RuntimeError("engine not started")
         if self.task.done():
@@ -174,23 +176,30 @@ class AsyncEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {limit} tokens")
         else:
             max_tokens = params.max_tokens
-        for t in params.stop_token_ids or []:
-            if not 0 <= t < self.hf_config.vocab_size:
-                raise InvalidRequest(f"stop_token_ids holds {t}, outside the vocabulary")
+        for name in ("stop_token_ids", "logit_bias"):
+            for t in getattr(params, name) or ():
+                if not 0 <= t < self.hf_config.vocab_size:
+                    raise InvalidRequest(f"{name} holds {t}, outside the vocabulary")
         if rid in self.scheduler.by_id:
             raise InvalidRequest(f"request id {rid!r} is already running")
-        self.scheduler.add(Req(rid, prompt_ids, params, self.tokenizer.detokenizer(params.stop_list), emit,
-                               max_tokens))
+        group = []
+        for i in range(params.n):
+            p = params if i == 0 or params.seed is None else \
+                dataclasses.replace(params, seed=hash((params.seed, i)) & (2**63 - 1))
+            group.append(Req(rid, prompt_ids, p, self.tokenizer.detokenizer(p.stop_list), emit, max_tokens,
+                             index=i, logprobs=None if p.logprobs is None else []))
+            group[i].group = group if params.n > 1 else []
+        self.scheduler.add(group[0])
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
         q: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self.submit(rid, prompt_ids, params, q.put_nowait)
+        left = params.n
         try:
-            while True:
+            while left:
                 d = await q.get()
                 yield d
-                if d.finish_reason is not None:
-                    return
+                left -= d.finish_reason is not None
         finally:
             self.abort(rid)
 

@@ -24,6 +24,8 @@ class LLM:
     def generate(self, prompts: Sequence[str] | Sequence[list[int]] | str,
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order; with n > 1, n per prompt, each prompt's together
+        in `index` order (vLLM's RequestOutput.outputs, flattened). chat() returns the same."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.engine.encode(input_ids=list(p)) if isinstance(p, list) else self.engine.encode(prompt=p)
@@ -54,16 +56,16 @@ class LLM:
         done = asyncio.Event()
         outs: dict[str, RequestOutput] = {}
         bar = None
+        remaining = [sum(p.n for p in params)]
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(prompt_ids), desc="requests")
-        remaining = [len(prompt_ids)]
+            bar = tqdm(total=remaining[0], desc="completions")
 
         def emit(d: RequestDelta) -> None:
             if d.output is None:
                 return
-            outs[d.output.id] = d.output
+            outs[d.output.id, d.index] = d.output
             remaining[0] -= 1
             if bar is not None:
                 bar.update(1)
@@ -83,7 +85,7 @@ class LLM:
                 self.engine.abort(rid)
             if bar is not None:
                 bar.close()
-        return [outs[r] for r in rids]
+        return [outs[r, i] for r, p in zip(rids, params) for i in range(p.n)]
 
     async def _wait(self, done: asyncio.Event) -> None:
         waiter = asyncio.ensure_future(done.wait())

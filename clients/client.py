@@ -90,8 +90,9 @@ class Client:
                        input_ids: list[int] | None = None, id: str | None = None,
                        **sampling: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream a request's delta frames ({"text", "token_ids"}); ends after its done frame, which
-        is yielded last (type "done"). Sampling fields: max_tokens, temperature, top_p, top_k, min_p,
-        seed, stop, stop_token_ids, ignore_eos, stream. Raises ServerError on an error frame."""
+        is yielded last (type "done"); with n > 1, after the n-th (frames carry "index" when not 0).
+        Sampling fields: those of the generate frame (docs/protocol.md). Raises ServerError on an
+        error frame."""
         rid = id if id is not None else f"r{next(self._ids)}"
         if rid in self._queues:
             raise ValueError(f"request id {rid!r} is already live")
@@ -101,7 +102,7 @@ class Client:
                 msg[k] = v
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._queues[rid] = q
-        finished = False
+        finished, left = False, sampling.get("n", 1)
         try:
             await self.send(msg)
             while True:
@@ -112,7 +113,8 @@ class Client:
                 if m["type"] == "closed":
                     finished = True
                     raise ConnectionError("the connection closed during the request")
-                finished = m["type"] == "done"
+                left -= m["type"] == "done"
+                finished = left == 0
                 yield m
                 if finished:
                     return
@@ -125,7 +127,7 @@ class Client:
                     pass
 
     async def complete(self, prompt: str | None = None, **kw: Any) -> GenerateResult:
-        """Run a request to the end and return its whole text."""
+        """Run a request (n: 1) to the end and return its whole text."""
         text, ids = [], []
         async for m in self.generate(prompt, **kw):
             if m["type"] == "delta":

@@ -36,6 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 log "commit $COMMIT; stages: $stages"
 Q06=benchmarks/configs/qwen3-0.6b
 L8=benchmarks/configs/llama-3.1-8b
+GPU_TESTS="tests/test_gpu.py tests/test_sampling_params.py"  # the files with gpu-marked tests
 PEERPATH=/tmp/site:$PWD/.peer/mini-sglang/python
 peer_env() {  # what run_peer.sh exports for Mini-SGLang's own JIT kernels
   export TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-peer TVM_FFI_CUDA_ARCH_LIST=${TVM_FFI_CUDA_ARCH_LIST:-9.0}
@@ -77,7 +78,7 @@ for s in $stages; do
       fi ;;
     tests|tests:*) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
       k=${s#tests}; k=${k#:}  # tests:EXPR runs only the tests pytest -k EXPR selects
-      run "gpu tests ${k}" gpu-tests.log python3 -m pytest -m gpu -v -rs tests/test_gpu.py -p no:cacheprovider $PT ${k:+-k "$k"}
+      run "gpu tests ${k}" gpu-tests.log python3 -m pytest -m gpu -v -rs $GPU_TESTS -p no:cacheprovider $PT ${k:+-k "$k"}
       grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log"
       if grep -q "FAILED.*test_fused_qkv_store" "$LOGS/gpu-tests.log"; then
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"

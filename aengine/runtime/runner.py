@@ -16,7 +16,7 @@ from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
 from aengine.models import model_class
 from aengine.runtime.cuda_graph import CudaGraphs
-from aengine.runtime.sampler import SamplingTensors, sample
+from aengine.runtime.sampler import SamplingTensors, process_logits, sample, with_logprobs
 from aengine.runtime.step import StepInput
 from aengine.weights import load_weights
 
@@ -174,11 +174,11 @@ class ModelRunner:
             backend.prepare(fb)
             with forward_context(backend):
                 hidden = self.model(input_ids, pos)
-        logits = self.model.logits(hidden[fb.sample_idx])
+        logits = process_logits(self.model.logits(hidden[fb.sample_idx]), inp, self.last_tok, d_sslots)
         ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
             self.last_tok[d_sslots.long()] = ids
-        return ids
+        return ids if inp.logprobs < 0 else with_logprobs(logits, ids, inp.logprobs)
 
     def _sampling(self, inp: StepInput) -> SamplingTensors:
         dev = self.device

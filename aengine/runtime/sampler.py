@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from aengine.layers.fused import flashinfer
+from aengine.runtime.step import StepInput
 
 try:
     import triton
@@ -119,3 +120,40 @@ def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy:
     else:
         drawn = fi.sampling.sampling_from_logits(scaled)
     return (drawn if greedy is None else torch.where(st.temperature > 0, drawn.long(), greedy)).int()
+
+
+def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:
+    """Penalties, logit_bias and min_tokens of the rows that ask, in a few batched kernels (rows
+    that do not keep their logits). last_tok[slots[row]]: a sampled row's token in flight. Runs
+    right before sampling; a grammar mask would sit beside it."""
+    if not inp.pen and not inp.bias:
+        return logits
+    x, dev = logits.float(), logits.device
+    # pinned and asynchronous: a copy from pageable memory would wait for the step in flight
+    up = (lambda t: t.pin_memory().to(dev, non_blocking=True)) if dev.type == "cuda" else (lambda t: t)
+    if inp.pen:
+        p = torch.tensor(inp.pen, dtype=torch.float64)
+        n, fly = len(inp.pen), torch.nonzero(p[:, 6] > 0).view(-1)
+        rows, which, seen, fly = (up(t) for t in (p[:, 0].long(), torch.arange(2 * n).repeat_interleave(
+            p[:, 4:6].long().flatten()), torch.tensor(inp.seen_ids, dtype=torch.long), fly))
+        c = torch.zeros(2 * n, x.shape[1], device=dev)  # rows 2i: generated counts, 2i + 1: in the prompt
+        c.index_put_((which, seen), c.new_ones(()), True)
+        c.index_put_((2 * fly, last_tok[slots[rows[fly]].long()].long()), c.new_ones(()), True)
+        gen, c = c[0::2], c[0::2] + c[1::2]
+        pres, freq, rep = up(p[:, 1:4].float()).split(1, 1)
+        y = x[rows]
+        y = torch.where(c > 0, torch.where(y > 0, y / rep, y * rep), y) - freq * gen - pres * (gen > 0)
+        x[rows] = y
+    if inp.bias:
+        b = torch.tensor(inp.bias, dtype=torch.float64)
+        x.index_put_((up(b[:, 0].long()), up(b[:, 1].long())), up(b[:, 2].float()), True)
+    return x
+
+
+def with_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[S, 2 + 2k] float32: per row the sampled id, its logprob, the k most likely ids, theirs."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k, -1)
+    return torch.cat([ids.float().unsqueeze(1), lp.gather(1, ids.long().unsqueeze(1)), top.indices.float(),
+                      top.values], 1)

@@ -10,7 +10,8 @@ MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (as vLLM's)
 MIN_TOP_P = 1e-6  # below it only the most likely token could be kept: greedy
 
 
-def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, stats: EngineStats) -> StepInput:
+def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, stats: EngineStats,
+               eos_ids: set[int]) -> StepInput:
     """The step's StepInput; in a prefill step the first n_decoding rows decode (a mixed step)."""
     inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [])
     inp.decoding = n_decoding
@@ -42,5 +43,17 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
             inp.top_k.append(max(0, p.top_k))
             inp.min_p.append(float(p.min_p))
             inp.seeds.append(-1 if p.seed is None else p.seed)
+            if req.processed:
+                row = len(inp.sample_rows) - 1
+                if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+                    inp.pen.append((row, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                                    len(req.output_ids), len(req.prompt_set), req.pending))
+                    inp.seen_ids += req.output_ids + req.prompt_set
+                if len(req.output_ids) + req.pending < p.min_tokens:
+                    inp.bias += [(row, t, -float("inf")) for t in eos_ids.union(p.stop_token_ids or ())]
+                if p.logit_bias:
+                    inp.bias += [(row, t, b) for t, b in p.logit_bias.items()]
+                if p.logprobs is not None:
+                    inp.logprobs = max(inp.logprobs, p.logprobs)
             req.pending += 1
     return inp

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from aengine.tokenizer import Detokenizer
-from aengine.types import EmitFn, SamplingParams
+from aengine.types import EmitFn, SamplingParams, TokenLogprob
 
 PREFIX_KEY = 64  # tokens: prompts that open alike are prefilled one step apart (scheduler/prefill.py)
 
@@ -35,10 +35,18 @@ class Req:
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float = 0.0
     t_last: float = 0.0
+    index: int = 0  # which of the request's n completions
+    group: list[Req] = field(default_factory=list)  # n > 1: all n copies; those past the first wait
+    # (fill_ids empty) until the first one's prompt is in the prefix cache, then share its KV
+    logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:
         # the opening tokens that requests sharing a prompt prefix have in common
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
+        p = self.params  # whether its rows need batch.py's logit processing: one check per step if not
+        self.processed = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                              or p.logit_bias or p.min_tokens or p.logprobs is not None)
+        self.prompt_set = list(set(self.prompt_ids)) if p.repetition_penalty != 1 else []  # its penalty's
 
     @property
     def prefilling(self) -> bool:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import time
 
 from aengine.scheduler.request import Req
-from aengine.types import RequestDelta, RequestOutput
+from aengine.types import RequestDelta, RequestOutput, TokenLogprob
+
+
+def take_logprobs(req: Req, row: list[float], k: int) -> int:
+    """The token of a runner's row of a step with logprobs (sampler.with_logprobs: top k), keeping
+    its logprobs if req asked for them."""
+    tok, n = int(row[0]), req.params.logprobs
+    if n is not None:
+        req.logprobs.append(TokenLogprob(tok, row[1], list(zip(map(int, row[2 : 2 + n]), row[2 + k : 2 + k + n]))))
+    return tok
 
 
 def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
@@ -30,8 +39,10 @@ def output(req: Req, reason: str) -> RequestOutput:
     ms = lambda t: (t - req.t_arrival) * 1e3  # noqa: E731
     return RequestOutput(req.rid, req.detok.text, list(req.output_ids), reason, len(req.prompt_ids),
                          req.cached_tokens, req.prompt_ids, ms(req.t_first) if req.t_first else 0.0,
-                         ms(req.t_last or req.t_arrival))
+                         ms(req.t_last or req.t_arrival), req.index,
+                         None if req.logprobs is None else list(req.logprobs))
 
 
 def emit(req: Req, ids: list[int], text: str, reason: str | None = None) -> None:
-    req.emit(RequestDelta(ids, text, reason, output(req, reason) if reason is not None else None))
+    lp = None if req.logprobs is None else req.logprobs[len(req.logprobs) - len(ids) :]
+    req.emit(RequestDelta(ids, text, reason, output(req, reason) if reason is not None else None, req.index, lp))

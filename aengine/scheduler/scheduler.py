@@ -26,7 +26,7 @@ from aengine.scheduler.decode import DecodePlanner
 from aengine.scheduler.kv import KVManager
 from aengine.scheduler.prefill import PrefillPlanner
 from aengine.scheduler.request import Req
-from aengine.scheduler.results import append_token, emit
+from aengine.scheduler.results import append_token, emit, take_logprobs
 from aengine.types import EngineStats
 
 log = logging.getLogger("aengine")
@@ -68,8 +68,8 @@ class Scheduler:
 
     def abort(self, rid: str) -> None:
         req = self.by_id.get(rid)
-        if req is not None and req.finish_reason is None:
-            self.aborted.append(req)
+        if req is not None:  # with n > 1: all its copies
+            self.aborted += [r for r in req.group or [req] if r.finish_reason is None]
             self._wake.set()
 
     def stop(self) -> None:
@@ -129,7 +129,7 @@ class Scheduler:
                     await asyncio.sleep(0)
         except BaseException as e:  # the engine state can no longer be trusted
             self.fault = e
-            for req in list(self.by_id.values()):
+            for req in [r for q in self.by_id.values() for r in q.group or [q] if r.finish_reason is None]:
                 req.finish_reason = "error"
                 emit(req, [], "", "error")
             self.by_id.clear()
@@ -166,7 +166,7 @@ class Scheduler:
 
     def _build(self, chosen: list[tuple[Req, int]], decode: bool, n_decoding: int = 0) \
             -> tuple[StepInput, list[Req]]:
-        return build_step(chosen, decode, n_decoding, self.counters), [r for r, _ in chosen]
+        return build_step(chosen, decode, n_decoding, self.counters, self.eos_ids), [r for r, _ in chosen]
 
     # ---- results -------------------------------------------------------------------------
     async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending) -> None:
@@ -183,6 +183,8 @@ class Scheduler:
             if req.finish_reason is not None:
                 continue  # finished while this step was in flight: its token is discarded
             self.counters.generated_tokens += 1
+            if inp.logprobs >= 0:
+                tok = take_logprobs(req, tok, inp.logprobs)
             reason = append_token(req, tok, self.eos_ids, self.max_model_len)
             text = req.detok.delta(final=reason is not None)
             if reason is not None:
@@ -194,6 +196,15 @@ class Scheduler:
             for req in reqs:
                 if req.finish_reason is None and req.slot:
                     self.kv.cache_unfinished(req)
+                    if req.group and not req.prefilling:
+                        self._fork(req)
+
+    def _fork(self, req: Req) -> None:
+        """Queue, first in line, the copies of req (n > 1) still waiting for its prompt's KV."""
+        for r in req.group:
+            if not r.fill_ids and r.finish_reason is None:
+                r.fill_ids = list(r.prompt_ids)
+                self.waiting.appendleft(r)
 
     def _finish(self, req: Req, reason: str, ids: list[int], text: str, cache: bool = True) -> None:
         req.finish_reason = reason
@@ -204,7 +215,9 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.by_id.pop(req.rid, None)
+        if all(r.finish_reason for r in req.group):
+            self.by_id.pop(req.rid, None)
+        self._fork(req)  # its prompt is cached now (unless it failed: then the copies compute it)
         self.counters.finished += 1
         emit(req, ids, text, reason)
 

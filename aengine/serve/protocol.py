@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from aengine.types import TokenLogprob
+
 PROTOCOL_VERSION = 1
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -34,6 +36,13 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = True
+    n: int = 1
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):
@@ -49,10 +58,12 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type"):
     protocol: int = PROTOCOL_VERSION
 
 
-class Delta(msgspec.Struct, tag="delta", tag_field="type"):
+class Delta(msgspec.Struct, tag="delta", tag_field="type", omit_defaults=True):
     id: str
     text: str
     token_ids: list[int]
+    index: int = 0  # which of the n completions
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Usage(msgspec.Struct):
@@ -75,6 +86,8 @@ class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
     usage: Usage
     timing: Timing
     text: str | None = None  # the whole text, only when the request had stream=false
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None  # all of them, only with stream=false
 
 
 ErrorCode = Literal["invalid_request", "context_length_exceeded", "overloaded", "unauthorized", "internal"]

@@ -57,6 +57,7 @@ class Stream:
     t_last: float = 0.0  # last token, for inter-token latency
     t_submit: float = 0.0  # handed to the engine (after tokenization)
     submitted: bool = False  # False while its prompt is being tokenized
+    left: int = 1  # completions not finished (n)
     cancelled: bool = False
 
 
@@ -169,7 +170,7 @@ class Session:
         elif self.engine.stats().waiting + self.server.tokenizing >= self.server.cfg.max_waiting_requests:
             self.error(msg.id, "overloaded", "too many requests are waiting; retry later")
         else:
-            st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic())
+            st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n)
             self.live[msg.id] = st
             self.server.tokenizing += 1  # not yet in the scheduler's queue, but it will be
             task = asyncio.create_task(self._start(st, msg))
@@ -221,7 +222,9 @@ class Session:
                 raise ValueError(f"max_tokens ({max_tokens}) is above this server's limit of {limit}")
         return SamplingParams(max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                               min_p=g.min_p, seed=g.seed, stop=g.stop, stop_token_ids=g.stop_token_ids,
-                              ignore_eos=g.ignore_eos)
+                              ignore_eos=g.ignore_eos, n=g.n, logprobs=g.logprobs, presence_penalty=g.presence_penalty,
+                              frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
+                              logit_bias=g.logit_bias, min_tokens=g.min_tokens)
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)
@@ -242,20 +245,24 @@ class Session:
             else:
                 m.ttft.observe(now - st.t0)
             st.t_last = now
-        if st.stream and (d.token_ids or d.text):
-            self.send(Delta(st.id, d.text, d.token_ids))
-        if d.finish_reason is None:
+        if st.stream and (d.token_ids or d.text) and st.left:
+            self.send(Delta(st.id, d.text, d.token_ids, d.index, d.logprobs))
+        if d.finish_reason is None or not st.left:
             return
-        self.live.pop(st.id, None)
-        if d.finish_reason == "error":
+        st.left -= 1
+        if d.finish_reason == "error":  # one error frame ends all n
+            st.left = 0
             self._fail(st, "internal", "the engine failed while running this request")
             return
+        if not st.left:
+            self.live.pop(st.id, None)
         self.server.metrics.finished(d.finish_reason)
         out = d.output
         # the engine times from submission; the client waited since its frame arrived
         ttft = round(out.ttft_ms + (st.t_submit - st.t0) * 1e3, 3) if out.ttft_ms else 0.0
         self.send(Done(st.id, d.finish_reason, Usage(out.prompt_tokens, len(out.token_ids), out.cached_tokens),  # type: ignore[arg-type]
-                       Timing(ttft, self._ms(st.t0)), None if st.stream else out.text))
+                       Timing(ttft, self._ms(st.t0)), None if st.stream else out.text, d.index,
+                       None if st.stream else out.logprobs))
 
     def close(self) -> None:
         """The connection is gone: abort its requests so their KV is freed within a step."""

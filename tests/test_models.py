@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aengine import LLM, SamplingParams
+from aengine import LLM, ContextLengthExceeded, SamplingParams
 from tests.conftest import build_tiny
 
 PROMPTS = [[5, 17, 33, 2, 99, 100, 7], [1, 2, 3], list(range(40, 90)), [300] * 20 + [1, 2]]
@@ -25,7 +25,7 @@ def hf_greedy(path, prompts, n):
     return outs
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_matches_hf(kind, page_size, tmp_path, llm_check):
     path = build_tiny(kind, tmp_path / kind)
@@ -70,3 +70,71 @@ def test_embedded_matches_hf_gguf(embedded, llm_check):
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         assert out.token_ids == ref[0, ids.shape[1]:].tolist()
     assert outs[0].text == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mistral"])
+@pytest.mark.parametrize("kw", [
+    dict(page_size=16, max_prefill_tokens=16, enable_mixed_chunk=True),  # chunks; the prefix from the radix tree
+    dict(page_size=16, max_prefill_tokens=32, kv_cache_tokens=208),  # a pool two requests wide: preemption
+])
+def test_cache_features_match_hf(kind, kw, tmp_path, llm_check):
+    path = build_tiny(kind, tmp_path / kind)
+    prefix = [(7 * i) % 500 + 3 for i in range(64)]
+    prompts = [prefix + list(range(20, 46)), prefix + list(range(300, 324))]
+    want = hf_greedy(path, prompts, 60)
+    llm = LLM(str(path), dtype="float32", device="cpu", **kw)
+    llm_check(llm)
+    p = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, p)] == want
+    if "kv_cache_tokens" in kw:
+        assert llm.stats().preemptions > 0
+    else:
+        assert llm.engine.stats().mixed_steps > 0
+        again = llm.generate(prompts[::-1], p)
+        assert [o.token_ids for o in again] == want[::-1]
+        assert all(o.cached_tokens >= 64 for o in again)
+
+
+def test_moe_dummy_weights_under_transformers_names(tmp_path, llm_check):
+    """Dummy weights come under transformers' own names, all experts stacked in one tensor
+    (gate_up_proj, down_proj), unlike checkpoints (one tensor per expert and projection)."""
+    from aengine.weights import dummy_weights
+
+    path = build_tiny("qwen3_moe", tmp_path / "m")
+    llm = LLM(str(path), load_format="dummy", dtype="float32", device="cpu")
+    llm_check(llm)
+    w = dict(dummy_weights(path, 0, torch.device("cpu")))
+    layers = llm.engine.runner.model.layers
+    assert torch.equal(layers[2].mlp.experts.w13, w["model.layers.2.mlp.experts.gate_up_proj"])
+    assert torch.equal(layers[2].mlp.experts.w2, w["model.layers.2.mlp.experts.down_proj"])
+    assert torch.equal(layers[2].mlp.gate.weight, w["model.layers.2.mlp.gate.weight"])
+    assert not hasattr(layers[1].mlp, "experts")  # mlp_only_layers
+    assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+def test_sliding_window_caps_the_context(tmp_path, llm_check):
+    """Attention here sees the whole context, so a Mistral config's sliding window becomes the
+    context limit: within it the outputs are the windowed model's; past it nothing is served."""
+    path = build_tiny("mistral", tmp_path / "m", sliding_window=64)
+    want = hf_greedy(path, PROMPTS, 12)  # each prompt and its 12 tokens fit in 64
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm_check(llm)
+    assert llm.engine.max_model_len == 64
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+    with pytest.raises(ContextLengthExceeded):
+        llm.generate([list(range(3, 73))], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="longer than the model's sliding window"):
+        LLM(str(path), dtype="float32", device="cpu", max_model_len=128)
+
+
+def test_moe_routing_variants_match_hf(tmp_path, llm_check):
+    """Top-k weights as the softmax left them (norm_topk_prob false), every second layer sparse."""
+    path = build_tiny("qwen3_moe", tmp_path / "m", norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
+                      num_experts_per_tok=3)
+    want = hf_greedy(path, PROMPTS, 12)
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm_check(llm)
+    assert [type(layer.mlp).__name__ for layer in llm.engine.runner.model.layers] == ["MLP", "MoE", "MLP"]
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want

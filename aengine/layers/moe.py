@@ -56,9 +56,12 @@ class Experts(nn.Module):
             return self._grouped(x, w, ids)
         out = torch.zeros_like(x)
         for e in range(self.n):
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            h = F.linear(silu_and_mul(F.linear(x[tok], self.w13[e])), self.w2[e])
-            out.index_add_(0, tok, h * w[tok, slot, None])
+            if x.is_cuda:  # every token, weighted 0 where unchosen: no host sync, so graphs can capture it
+                tok, scale = slice(None), (w * (ids == e)).sum(-1, keepdim=True)
+            else:
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                scale = w[tok, slot, None]
+            out[tok] += F.linear(silu_and_mul(F.linear(x[tok], self.w13[e])), self.w2[e]) * scale
         return out
 
     def _grouped(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
 #   fp8       W1 and W2 with --kv-cache-dtype fp8_e4m3
+#   moe       the MoE GPU tests (flashinfer kernels compiled first, in parallel)
+#   w1-moe, w1-moe-tp2   W1 on the Qwen3-30B-A3B shape (dummy weights) at tp=1, at tp=2 (2 GPUs);
+#             figures in moe.jsonl (in logs.tgz), not in figures.jsonl
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -36,6 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 log "commit $COMMIT; stages: $stages"
 Q06=benchmarks/configs/qwen3-0.6b
 L8=benchmarks/configs/llama-3.1-8b
+MOE=benchmarks/configs/qwen3-30b-a3b
 PEERPATH=/tmp/site:$PWD/.peer/mini-sglang/python
 peer_env() {  # what run_peer.sh exports for Mini-SGLang's own JIT kernels
   export TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-peer TVM_FFI_CUDA_ARCH_LIST=${TVM_FFI_CUDA_ARCH_LIST:-9.0}
@@ -96,6 +100,13 @@ print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close(
         --spawn "--model $Q06 --load-format dummy --tokenizer .tok $extra" --request-rate 32,inf \
         --connections 16 --label "W4 ${extra:-default}" --json "$LOGS/w4.jsonl"
       grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
+    moe) run "flashinfer JIT" jit.log python3 scripts/fi_warmup.py prefill decode norm act rope sampling moe
+      PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
+      run "moe gpu tests" moe-tests.log python3 -m pytest -m gpu -v -rsP tests/test_gpu.py -k moe -p no:cacheprovider $PT
+      grep -E "^MoE |passed|failed" "$LOGS/moe-tests.log" | tee -a "$LOGS/run.log" ;;
+    w1-moe|w1-moe-tp2) tp=1; [ "$s" = w1-moe-tp2 ] && tp=2  # own JSON file: compare.py pairs W1 rows by workload only
+      run "w1 moe tp=$tp" bench.log python3 benchmarks/offline.py --load-format dummy --tokenizer .tok --no-progress \
+        --json "$LOGS/moe.jsonl" --workload w1 --model $MOE --tp $tp ;;
     fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
     *) log "unknown stage $s" ;;

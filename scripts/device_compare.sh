@@ -16,6 +16,9 @@
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
 #   fp8       W1 and W2 with --kv-cache-dtype fp8_e4m3
+#   moe       the MoE GPU tests (flashinfer kernels compiled first, in parallel)
+#   w1-moe, w1-moe-tp2   W1 on the Qwen3-30B-A3B shape (dummy weights) at tp=1, at tp=2 (2 GPUs);
+#             figures in moe.jsonl (in logs.tgz), not in figures.jsonl
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -37,6 +40,7 @@ log "commit $COMMIT; stages: $stages"
 Q06=benchmarks/configs/qwen3-0.6b
 L8=benchmarks/configs/llama-3.1-8b
 GPU_TESTS="tests/test_gpu.py tests/test_sampling_params.py"  # the files with gpu-marked tests
+MOE=benchmarks/configs/qwen3-30b-a3b
 PEERPATH=/tmp/site:$PWD/.peer/mini-sglang/python
 peer_env() {  # what run_peer.sh exports for Mini-SGLang's own JIT kernels
   export TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-peer TVM_FFI_CUDA_ARCH_LIST=${TVM_FFI_CUDA_ARCH_LIST:-9.0}
@@ -111,6 +115,13 @@ pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
       grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
     w1:*) extra=${s#w1:}; extra=${extra//,/ }
       bench "w1 $extra" --workload w1 --model $Q06 $extra ;;
+    moe) run "flashinfer JIT" jit.log python3 scripts/fi_warmup.py prefill decode norm act rope sampling moe
+      PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
+      run "moe gpu tests" moe-tests.log python3 -m pytest -m gpu -v -rsP tests/test_gpu.py -k moe -p no:cacheprovider $PT
+      grep -E "^MoE |passed|failed" "$LOGS/moe-tests.log" | tee -a "$LOGS/run.log" ;;
+    w1-moe|w1-moe-tp2) tp=1; [ "$s" = w1-moe-tp2 ] && tp=2  # own JSON file: compare.py pairs W1 rows by workload only
+      run "w1 moe tp=$tp" bench.log python3 benchmarks/offline.py --load-format dummy --tokenizer .tok --no-progress \
+        --json "$LOGS/moe.jsonl" --workload w1 --model $MOE --tp $tp ;;
     fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
     *) log "unknown stage $s" ;;

@@ -54,6 +54,10 @@ def build(name: str) -> str:
         fi.sampling.top_k_top_p_sampling_from_probs(
             logits.softmax(-1), torch.full((4,), 5, dtype=torch.int32, device="cuda"),
             torch.full((4,), 0.9, device="cuda"), filter_apply_order="joint")
+    elif name == "moe":  # the grouped GEMMs of the MoE experts (flashinfer's segment GEMM)
+        x, w = torch.randn(8, 256, **bf), torch.randn(2, 512, 256, **bf)
+        fi.SegmentGEMMWrapper(ws).run(x, w, 2, True, seg_indptr=torch.tensor([0, 3, 8], device="cuda"),
+                                      weight_indices=torch.arange(2, device="cuda"))
     torch.cuda.synchronize()
     return f"{name}: {time.time() - t:.1f} s"
 

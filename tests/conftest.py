@@ -15,13 +15,17 @@ TINY = dict(vocab_size=512, hidden_size=96, intermediate_size=128, num_hidden_la
             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-6, tie_word_embeddings=False)
 
+# 8 experts, top 2; layer 1 of 3 dense (mlp_only_layers)
+TINY_MOE = dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                mlp_only_layers=[1], norm_topk_prob=True)
+
 
 def build_tiny(kind: str, path: Path, seed: int = 0, **over: object) -> Path:
-    """Save a tiny random HF model of `kind` (llama | qwen2 | qwen3) to path; returns path."""
+    """Save a tiny random HF model of `kind` (llama | qwen2 | qwen3 | qwen3_moe | mistral) to path."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    kw = {**TINY, **over}
+    kw = {**TINY, **(TINY_MOE if kind == "qwen3_moe" else {}), **over}
     if kind == "llama":
         cfg = tf.LlamaConfig(**kw)
         model = tf.LlamaForCausalLM(cfg)
@@ -31,6 +35,12 @@ def build_tiny(kind: str, path: Path, seed: int = 0, **over: object) -> Path:
     elif kind == "qwen3":
         cfg = tf.Qwen3Config(head_dim=16, **kw)
         model = tf.Qwen3ForCausalLM(cfg)
+    elif kind == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(head_dim=16, **kw)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(**kw)
+        model = tf.MistralForCausalLM(cfg)
     else:
         raise ValueError(kind)
     with torch.no_grad():  # random init of biases and norms too, so a mistake there shows

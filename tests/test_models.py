@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aengine import LLM, SamplingParams
+from aengine import LLM, ContextLengthExceeded, SamplingParams
 from tests.conftest import build_tiny
 
 PROMPTS = [[5, 17, 33, 2, 99, 100, 7], [1, 2, 3], list(range(40, 90)), [300] * 20 + [1, 2]]
@@ -25,7 +25,7 @@ def hf_greedy(path, prompts, n):
     return outs
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_matches_hf(kind, page_size, tmp_path, llm_check):
     path = build_tiny(kind, tmp_path / kind)
@@ -70,3 +70,146 @@ def test_embedded_matches_hf_gguf(embedded, llm_check):
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         assert out.token_ids == ref[0, ids.shape[1]:].tolist()
     assert outs[0].text == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mistral"])
+@pytest.mark.parametrize("kw", [
+    dict(page_size=16, max_prefill_tokens=16, enable_mixed_chunk=True),  # chunks; the prefix from the radix tree
+    dict(page_size=16, max_prefill_tokens=32, kv_cache_tokens=208),  # a pool two requests wide: preemption
+])
+def test_cache_features_match_hf(kind, kw, tmp_path, llm_check):
+    path = build_tiny(kind, tmp_path / kind)
+    prefix = [(7 * i) % 500 + 3 for i in range(64)]
+    prompts = [prefix + list(range(20, 46)), prefix + list(range(300, 324))]
+    want = hf_greedy(path, prompts, 60)
+    llm = LLM(str(path), dtype="float32", device="cpu", **kw)
+    llm_check(llm)
+    p = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, p)] == want
+    if "kv_cache_tokens" in kw:
+        assert llm.stats().preemptions > 0
+    else:
+        assert llm.engine.stats().mixed_steps > 0
+        again = llm.generate(prompts[::-1], p)
+        assert [o.token_ids for o in again] == want[::-1]
+        assert all(o.cached_tokens >= 64 for o in again)
+
+
+def test_moe_dummy_weights_under_transformers_names(tmp_path, llm_check):
+    """Dummy weights come under transformers' own names, all experts stacked in one tensor
+    (gate_up_proj, down_proj), unlike checkpoints (one tensor per expert and projection)."""
+    from aengine.weights import dummy_weights
+
+    path = build_tiny("qwen3_moe", tmp_path / "m")
+    llm = LLM(str(path), load_format="dummy", dtype="float32", device="cpu")
+    llm_check(llm)
+    w = dict(dummy_weights(path, 0, torch.device("cpu")))
+    layers = llm.engine.runner.model.layers
+    assert torch.equal(layers[2].mlp.experts.w13, w["model.layers.2.mlp.experts.gate_up_proj"])
+    assert torch.equal(layers[2].mlp.experts.w2, w["model.layers.2.mlp.experts.down_proj"])
+    assert torch.equal(layers[2].mlp.gate.weight, w["model.layers.2.mlp.gate.weight"])
+    assert not hasattr(layers[1].mlp, "experts")  # mlp_only_layers
+    assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+def test_sliding_window_caps_the_context(tmp_path, llm_check):
+    """Attention here sees the whole context, so a Mistral config's sliding window becomes the
+    context limit: within it the outputs are the windowed model's; past it nothing is served."""
+    path = build_tiny("mistral", tmp_path / "m", sliding_window=64)
+    want = hf_greedy(path, PROMPTS, 12)  # each prompt and its 12 tokens fit in 64
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm_check(llm)
+    assert llm.engine.max_model_len == 64
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+    with pytest.raises(ContextLengthExceeded):
+        llm.generate([list(range(3, 73))], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="longer than the model's sliding window"):
+        LLM(str(path), dtype="float32", device="cpu", max_model_len=128)
+
+
+def test_moe_routing_variants_match_hf(tmp_path, llm_check):
+    """Top-k weights as the softmax left them (norm_topk_prob false), every second layer sparse."""
+    path = build_tiny("qwen3_moe", tmp_path / "m", norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
+                      num_experts_per_tok=3)
+    want = hf_greedy(path, PROMPTS, 12)
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm_check(llm)
+    assert [type(layer.mlp).__name__ for layer in llm.engine.runner.model.layers] == ["MLP", "MoE", "MLP"]
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+
+
+HF_TO_GGUF = [  # the inverse of aengine.weights.GGUF_NAMES, for a tiny qwen3moe file
+    (r"^model\.embed_tokens\.", "token_embd."), (r"^model\.norm\.", "output_norm."), (r"^lm_head\.", "output."),
+    (r"^model\.layers\.(\d+)\.", r"blk.\1."), (r"input_layernorm", "attn_norm"),
+    (r"post_attention_layernorm", "ffn_norm"), (r"self_attn\.(q|k)_norm", r"attn_\1_norm"),
+    (r"self_attn\.o_proj", "attn_output"), (r"self_attn\.(q|k|v)_proj", r"attn_\1"),
+    (r"mlp\.gate\.", "ffn_gate_inp."), (r"mlp\.(gate|up|down)_proj", r"ffn_\1"),
+]
+
+
+def write_qwen3moe_gguf(hf_dir, out):
+    """A tiny HF Qwen3-MoE as llama.cpp writes it (f32; experts stacked per layer), with the
+    embedded model's tokenizer."""
+    import re
+
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from aengine.weights import default_gguf
+
+    c = AutoConfig.from_pretrained(hf_dir)
+    w = gguf.GGUFWriter(str(out), "qwen3moe")
+    w.add_name("tiny qwen3 moe")
+    for key, val in [("context_length", c.max_position_embeddings), ("block_count", c.num_hidden_layers),
+                     ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+                     ("expert_feed_forward_length", c.moe_intermediate_size), ("head_count", c.num_attention_heads),
+                     ("head_count_kv", c.num_key_value_heads), ("key_length", c.head_dim),
+                     ("value_length", c.head_dim), ("layer_norm_rms_eps", c.rms_norm_eps),
+                     ("rope_freq_base", c.rope_parameters["rope_theta"]), ("expert_count", c.num_experts),
+                     ("expert_used_count", c.num_experts_per_tok)]:
+        getattr(w, f"add_{key}")(val)
+    for f in gguf.GGUFReader(default_gguf()).fields.values():
+        if f.name.startswith("tokenizer."):
+            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+        if m := re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)_proj\.weight$", name):
+            experts.setdefault(f"blk.{m[1]}.ffn_{m[3]}_exps.weight", {})[int(m[2])] = t
+            continue
+        for pat, rep in HF_TO_GGUF:
+            name = re.sub(pat, rep, name)
+        w.add_tensor(name, t.float().numpy())
+    for name, per in experts.items():
+        w.add_tensor(name, torch.stack([per[e] for e in sorted(per)]).float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_qwen3moe_gguf_matches_hf(tmp_path, llm_check, monkeypatch):
+    """A qwen3moe GGUF (experts stacked [E, I, H] per layer): our conversion against transformers
+    loading the same file."""
+    import transformers as tf
+
+    monkeypatch.setenv("AENGINE_CACHE", str(tmp_path / "cache"))
+    # 768: transformers' GGUF config leaves moe_intermediate_size at that default (ours reads the file);
+    # every layer sparse: llama.cpp's qwen3moe has no dense layers (mlp_only_layers)
+    hf_dir = build_tiny("qwen3_moe", tmp_path / "hf", vocab_size=49152, moe_intermediate_size=768,
+                        mlp_only_layers=[])
+    g = tmp_path / "g" / "tiny-qwen3moe.gguf"
+    g.parent.mkdir()
+    write_qwen3moe_gguf(hf_dir, g)
+    model = tf.AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+    llm = LLM(str(g), dtype="float32", device="cpu")
+    llm_check(llm)
+    assert llm.engine.runner.hf.moe_intermediate_size == 768 and llm.engine.runner.hf.norm_topk_prob
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for p, out in zip(PROMPTS, outs):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == ref[0, len(p):].tolist()

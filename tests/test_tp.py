@@ -118,6 +118,18 @@ def test_tp2_matches_tp1(tiny: dict[int, Path], tiny_ref: dict[int, list[list[in
         assert outs[0].token_ids == llm.generate(PROMPTS[:1], sampled[:1])[0].token_ids
 
 
+def test_tp2_moe_matches_tp1(tmp_path: Path, no_leftovers: None) -> None:
+    """Qwen3-MoE: each rank holds half of every expert's intermediate dim (16 of 32) and half of
+    the dense layer's; the router is whole on both."""
+    path = build_tiny("qwen3_moe", tmp_path / "moe", vocab_size=501, initializer_range=0.2)
+    with LLM(str(path), **CPU) as llm:
+        ref = [o.token_ids for o in llm.generate(PROMPTS + LONG, GREEDY)]
+    with LLM(str(path), tp=2, max_prefill_tokens=128, enable_mixed_chunk=True, **CPU) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS + LONG, GREEDY)] == ref
+    with pytest.raises(ValueError, match="--tp 2 does not divide the MLP size 33"):
+        LLM(str(build_tiny("qwen3_moe", tmp_path / "odd", moe_intermediate_size=33)), tp=2, **CPU)
+
+
 def test_tp2_dummy_weights_match_tp1(tiny: dict[int, Path], no_leftovers: None) -> None:
     """Dummy weights are drawn whole and sharded, so tp=2 serves tp=1's random model (W6 and the
     GPU logits check rely on it)."""

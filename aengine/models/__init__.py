@@ -10,8 +10,10 @@ from aengine.models.qwen3 import Qwen3ForCausalLM
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,  # Llama's layers; a sliding window caps the context (runner)
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3ForCausalLM,  # the config's num_experts makes its MLPs MoE
 }
 
 

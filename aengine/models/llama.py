@@ -1,5 +1,6 @@
-"""Llama-family decoder (Llama-3.x, SmolLM2) over a flat token batch; Qwen2/Qwen3 reuse it with
-a bias or a q/k norm switched on. HF weight names load directly."""
+"""Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 reuse
+it with a bias or a q/k norm switched on, and Qwen3-MoE with expert MLPs in the layers its config
+makes sparse. HF weight names load directly."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aengine.distributed import tp
 from aengine.layers.activation import silu_and_mul
 from aengine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from aengine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from aengine.layers.moe import MoE
 from aengine.layers.norm import RMSNorm
 from aengine.layers.qkv_store import available as fused_qkv_available
 from aengine.layers.qkv_store import qkv_norm_rope_store
@@ -75,7 +77,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: object, layer: int, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, qkv_bias, qk_norm)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        n = getattr(cfg, "num_experts", 0)  # Qwen3-MoE: sparse unless in mlp_only_layers or off the step
+        if n and layer not in getattr(cfg, "mlp_only_layers", []) and (layer + 1) % cfg.decoder_sparse_step == 0:
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, n, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -98,6 +104,7 @@ class DecoderLayer(nn.Module):
 KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?"
                       r"(k_scale|v_scale|kv_scale|q_scale|prob_scale)$"
                       r"|^layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")
+EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")  # one expert of a MoE layer
 
 
 class LlamaForCausalLM(nn.Module):
@@ -141,6 +148,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if m := KV_SCALE.match(name):
                 self._load_kv_scale(int(m[1] or m[3]), m[2] or f"{m[4]}_scale", w)
+                continue
+            if m := EXPERT.match(name):
+                modules[m[1]].load(m[3], w, int(m[2]))
                 continue
             mod_name, _, kind = name.rpartition(".")
             parent, _, leaf = mod_name.rpartition(".")

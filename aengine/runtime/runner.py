@@ -55,6 +55,11 @@ class ModelRunner:
         self.kv_dtype = kv_dtype(cfg.kv_cache_dtype, self.dtype)
         prefill_attn, decode_attn = attn_names(cfg, self.device)
         check_kv_dtype((prefill_attn, decode_attn), self.kv_dtype)  # before the weights load: fail fast
+        # attention here sees the whole context: a sliding window (Mistral) caps the context instead
+        window = getattr(hf_config, "sliding_window", None) or 1 << 62
+        if cfg.max_model_len > window:
+            raise ValueError(f"--max-model-len {cfg.max_model_len} is longer than the model's sliding window "
+                             f"({window} tokens): attention beyond the window is not supported")
         self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
         if not cfg.page_size and self.kv_dtype == torch.float8_e4m3fn and decode_attn == "fi" \
                 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9:
@@ -75,7 +80,7 @@ class ModelRunner:
         self.num_layers = hf_config.num_hidden_layers
         self.num_pages = agree(cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim))
         # every admitted request must fit in the pool alone, so preemption always makes progress
-        self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
+        self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings, window,
                                  (self.num_pages - 1) * self.page_size)
         self.pool = KVPool(self.num_layers, self.num_pages, self.page_size, attn.n_kv_local, attn.head_dim,
                            self.kv_dtype, self.device, scales=self._kv_scales())

@@ -39,8 +39,9 @@ def check_tp(cfg: EngineConfig, hf_config: Any) -> int:
         raise ValueError(f"--tp {tp} does not divide the model's {heads} attention heads")
     if kv % tp and tp % kv:
         raise ValueError(f"--tp {tp} and the model's {kv} KV heads do not divide one another")
-    if hf_config.intermediate_size % tp:
-        raise ValueError(f"--tp {tp} does not divide the MLP size {hf_config.intermediate_size}")
+    for size in (hf_config.intermediate_size, getattr(hf_config, "moe_intermediate_size", tp)):
+        if size % tp:
+            raise ValueError(f"--tp {tp} does not divide the MLP size {size}")
     local = tp // nn
     device, _ = resolve_device_dtype(cfg.replace(device=cfg.device.split(":")[0]))
     if device.type == "cuda" and torch.cuda.device_count() < local:

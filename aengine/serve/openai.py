@@ -1,0 +1,477 @@
+"""OpenAI's API on the same engine (docs/openai.md): GET /v1/models, POST /v1/chat/completions,
+/v1/completions and /v1/responses (one JSON body, or server-sent events with stream=true), and the
+Responses WebSocket mode at /v1/responses (response.create events, many responses per socket,
+routed by stream_id). Requests are msgspec Structs, so a body is validated while it is parsed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from aengine.serve.session import Host, capped_max_tokens
+from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          413: "invalid_request_error", 426: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+    def body(self) -> dict:
+        return {"message": str(self), "type": _TYPES.get(self.status, "server_error"), "param": None,
+                "code": self.code}
+
+
+def openai_error(status: int, message: str, code: str | None = None) -> web.Response:
+    return web.json_response({"error": ApiError(status, message, code).body()}, status=status)
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Part(msgspec.Struct):  # a text part of a message's content; other fields (annotations...) are ignored
+    type: str
+    text: str
+
+
+class ChatMessage(Strict):
+    role: str
+    content: str | list[Part] | None = None
+    name: str | None = None
+    type: Literal["message"] = "message"  # the Responses API's input items carry it
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """The fields every endpoint shares; the three requests below add their own."""
+
+    model: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stream: bool = False
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # JSON object keys are strings: token ids as text
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    response_format: dict[str, Any] | None = None  # structured output: see _params
+    # vLLM's and SGLang's extensions, named as they name them
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+
+class ChatRequest(Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    n: int = 1
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(Sampling, kw_only=True):
+    prompt: str | list[int]
+    n: int = 1
+    max_tokens: int | None = 16  # OpenAI's default for this endpoint
+    logprobs: int | None = None
+    stream_options: StreamOptions | None = None
+
+
+class ResponsesRequest(Sampling, kw_only=True):
+    input: str | list[ChatMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    top_logprobs: int | None = None
+    text: dict[str, Any] | None = None  # the Responses API's place for the output format
+
+
+class WsCreate(ResponsesRequest, tag="response.create", tag_field="type"):  # WebSocket mode
+    stream_id: str | None = None  # the lane: its responses run one after the other, and echo it
+    generate: bool = True  # false: a warm-up that generates nothing
+
+
+class WsCancel(Strict, tag="response.cancel", tag_field="type"):
+    response_id: str | None = None
+    stream_id: str | None = None
+
+
+def _text(content: str | list[Part] | None) -> str:
+    return content if isinstance(content, str) or content is None else "".join(p.text for p in content)
+
+
+def _decode(body: bytes | str, kind: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.DecodeError, RecursionError) as e:  # ValidationError says which field ($.n, ...)
+        raise ApiError(400, f"invalid request: {e}", "invalid_request") from None
+
+
+class Responder(Protocol):  # how a Responses event reaches the client: an SSE line or a WebSocket frame
+    async def __call__(self, event: dict) -> None: ...
+
+
+@dataclass
+class Job:
+    """One request in the engine: its deltas, for every completion, arrive on q."""
+
+    rid: str
+    n: int
+    params: SamplingParams
+    q: asyncio.Queue[RequestDelta] = field(default_factory=asyncio.Queue)
+    left: int = 0  # completions not finished yet
+    text: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=lambda: defaultdict(list))
+    done: dict[int, RequestDelta] = field(default_factory=dict)  # index -> its last delta
+
+    async def next(self) -> RequestDelta:
+        d = await self.q.get()
+        self.text[d.index].append(d.text)
+        self.logprobs[d.index].extend(d.logprobs or [])
+        if d.finish_reason is not None:
+            self.left -= 1
+            self.done[d.index] = d
+            if d.finish_reason == "error":
+                raise ApiError(500, "the engine failed while running this request", "internal")
+        return d
+
+    def usage(self, responses: bool = False) -> dict:
+        outs = [d.output for d in self.done.values() if d.output is not None]
+        p = outs[0].prompt_tokens if outs else 0
+        c, cached = sum(len(o.token_ids) for o in outs), max((o.cached_tokens for o in outs), default=0)
+        if responses:
+            return {"input_tokens": p, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": c,
+                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class OpenAI:
+    def __init__(self, server: Host) -> None:
+        self.server, self.engine = server, server.engine
+        self.live = 0  # requests in the engine: the server drains them like protocol v1's
+        self._ids = itertools.count()
+
+    # ---- requests into the engine ----------------------------------------------------------
+    def _params(self, r: Sampling, n_prompt: int) -> SamplingParams:
+        fmt = r.response_format or ((r.text or {}).get("format") if isinstance(r, ResponsesRequest) else None)
+        if fmt and fmt.get("type") != "text":  # structured output maps here, onto the engine's fields
+            raise ApiError(400, f"response format {fmt.get('type')!r} is not supported", "unsupported")
+        if isinstance(r, ChatRequest):
+            max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (r.top_logprobs or 0) if r.logprobs \
+                else None
+        elif isinstance(r, CompletionRequest):
+            max_tokens, logprobs = r.max_tokens, r.logprobs
+        else:
+            max_tokens, logprobs = r.max_output_tokens, r.top_logprobs
+        try:
+            bias = {int(k): v for k, v in (r.logit_bias or {}).items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids", "invalid_request") from None
+        if any(not 0 <= t < self.engine.hf_config.vocab_size for t in bias):
+            raise ApiError(400, "logit_bias holds a token id outside the vocabulary", "invalid_request")
+        return SamplingParams(
+            max_tokens=capped_max_tokens(self.server, max_tokens, n_prompt), temperature=r.temperature,
+            top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, seed=r.seed, stop=r.stop, stop_token_ids=r.stop_token_ids,
+            ignore_eos=r.ignore_eos, n=getattr(r, "n", 1), logprobs=logprobs, presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=bias or None,
+            min_tokens=r.min_tokens)
+
+    async def _submit(self, r: Sampling, prompt: str | None, messages: list[dict] | None,
+                      input_ids: list[int] | None = None) -> Job:
+        srv, eng = self.server, self.engine
+        if r.model not in (None, eng.model_name):
+            raise ApiError(404, f"the model {r.model!r} does not exist; this server serves {eng.model_name!r}",
+                           "model_not_found")
+        if srv.draining:
+            raise ApiError(503, "the server is shutting down", "overloaded")
+        if eng.stats().waiting + srv.tokenizing >= srv.cfg.max_waiting_requests:
+            raise ApiError(429, "too many requests are waiting; retry later", "overloaded")
+        srv.tokenizing += 1
+        try:
+            eng.check_size(prompt, messages, input_ids)
+            ids = await asyncio.get_running_loop().run_in_executor(srv.tok_pool, eng.encode, prompt, messages,
+                                                                   input_ids)
+            job = Job(f"oa{next(self._ids)}", getattr(r, "n", 1), self._params(r, len(ids)))
+            eng.submit(job.rid, ids, job.params, job.q.put_nowait)
+        except EngineError as e:
+            raise ApiError(400, str(e), e.code) from None
+        except ValueError as e:  # a bad max_tokens, a tokenizer without a chat template
+            raise ApiError(400, str(e), "invalid_request") from None
+        finally:
+            srv.tokenizing -= 1
+        job.left = job.n
+        self.live += 1
+        return job
+
+    def _end(self, job: Job) -> None:
+        self.live -= 1
+        if job.left:  # the client went away, or a write failed: free its KV within a step
+            self.engine.abort(job.rid)
+        for d in job.done.values():
+            self.server.metrics.finished(d.finish_reason or "error")
+
+    def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
+        tok = self.engine.tokenizer.hf
+
+        def one(t: int, lp: float) -> dict:
+            s = tok.decode([t])
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+        return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
+
+    def _completion_logprobs(self, lps: list[TokenLogprob]) -> dict:
+        rows = self._logprobs(lps)
+        return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in r["top_logprobs"]} for r in rows],
+                "text_offset": list(itertools.accumulate([len(r["token"]) for r in rows], initial=0))[:-1]}
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    async def http(self, request: web.Request) -> web.StreamResponse:
+        try:
+            if request.path == "/v1/models":
+                return web.json_response({"object": "list", "data": [
+                    {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "aengine",
+                     "max_model_len": self.engine.max_model_len}]})
+            kind = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
+                    "/v1/responses": ResponsesRequest}.get(request.path)
+            if kind is None:
+                raise ApiError(404, f"no endpoint {request.method} {request.path}", "not_found")
+            if request.method != "POST":
+                raise ApiError(405, f"{request.path} takes POST", "method_not_allowed")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
+            r = _decode(body, kind)
+            if isinstance(r, ChatRequest):
+                job = await self._submit(r, None, [{"role": m.role, "content": _text(m.content)} for m in r.messages])
+            elif isinstance(r, CompletionRequest):
+                text = isinstance(r.prompt, str)
+                job = await self._submit(r, r.prompt if text else None, None, None if text else r.prompt)
+            else:
+                job = await self._start_response(r)
+        except ApiError as e:
+            return web.json_response({"error": e.body()}, status=e.status)
+        try:
+            if isinstance(r, ResponsesRequest):
+                return await self._responses_http(request, r, job)
+            return await (self._stream if r.stream else self._whole)(request, r, job)
+        except ApiError as e:
+            return web.json_response({"error": e.body()}, status=e.status)
+        except ConnectionError:  # the client went away mid-stream: _end aborts the request
+            return web.Response()
+        finally:
+            self._end(job)
+
+    def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob] | None,
+                finish: str | None, chunk: bool) -> dict:
+        reason = {"cancelled": "abort"}.get(finish, finish) if finish else None  # vLLM's word for it
+        if isinstance(r, CompletionRequest):
+            return {"index": i, "text": text, "finish_reason": reason,
+                    "logprobs": self._completion_logprobs(lps or []) if r.logprobs is not None else None}
+        msg = {"role": "assistant", "content": text}
+        return {"index": i, ("delta" if chunk else "message"): msg, "finish_reason": reason,
+                "logprobs": {"content": self._logprobs(lps or []), "refusal": None} if r.logprobs else None}
+
+    def _head(self, r: Sampling, job: Job, chunk: bool) -> dict:
+        obj = "text_completion" if isinstance(r, CompletionRequest) else \
+            "chat.completion.chunk" if chunk else "chat.completion"
+        return {"id": ("cmpl-" if obj == "text_completion" else "chatcmpl-") + job.rid, "object": obj,
+                "created": int(time.time()), "model": self.engine.model_name}
+
+    async def _whole(self, request: web.Request, r: Sampling, job: Job) -> web.Response:
+        while job.left:
+            await job.next()
+        choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
+                   for i in sorted(job.done)]
+        return web.json_response({**self._head(r, job, False), "choices": choices, "usage": job.usage()})
+
+    async def _stream(self, request: web.Request, r: Sampling, job: Job) -> web.StreamResponse:
+        resp = await _sse(request)
+        head = self._head(r, job, True)
+        usage = r.stream_options is not None and r.stream_options.include_usage  # type: ignore[attr-defined]
+        extra = {"usage": None} if usage else {}
+        if isinstance(r, ChatRequest):  # OpenAI's first chunk per choice: the role
+            for i in range(job.n):
+                c = self._choice(r, i, "", None, None, True)
+                c["logprobs"] = None
+                await _event(resp, {**head, "choices": [c], **extra})
+        while job.left:
+            try:
+                d = await job.next()
+            except ApiError as e:
+                await _event(resp, {"error": e.body()})
+                break
+            if d.text or d.finish_reason or (d.logprobs and r.logprobs):
+                c = self._choice(r, d.index, d.text, d.logprobs, d.finish_reason, True)
+                await _event(resp, {**head, "choices": [c], **extra})
+        if usage and not job.left:
+            await _event(resp, {**head, "choices": [], "usage": job.usage()})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    # ---- the Responses API, over SSE and WebSocket ---------------------------------------
+    async def _start_response(self, r: ResponsesRequest) -> Job:
+        msgs = [{"role": "system", "content": r.instructions}] if r.instructions is not None else []
+        if isinstance(r.input, str):
+            msgs.append({"role": "user", "content": r.input})
+        else:
+            msgs += [{"role": m.role, "content": _text(m.content)} for m in r.input]
+        return await self._submit(r, None, msgs)
+
+    async def _responses_http(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
+        if not r.stream:
+            events: list[dict] = []
+
+            async def keep(e: dict) -> None:
+                events.append(e)
+
+            await self._respond(r, job, keep)
+            return web.json_response(events[-1]["response"])
+        resp = await _sse(request)
+
+        async def send(e: dict) -> None:
+            await resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
+
+        await self._respond(r, job, send)
+        await resp.write_eof()
+        return resp
+
+    async def _respond(self, r: ResponsesRequest, job: Job | None, send: Responder, rid: str | None = None) -> None:
+        """Runs one response to its end, as the events of OpenAI's Responses streaming."""
+        seq = itertools.count()
+        rid = rid or f"resp_{job.rid}"  # type: ignore[union-attr]
+        mid, out, status, error = f"msg_{rid[5:]}", [], "in_progress", None
+        lane = getattr(r, "stream_id", None)
+        extra = {"stream_id": lane} if lane is not None else {}
+        where = {"item_id": mid, "output_index": 0, "content_index": 0}
+
+        async def emit(kind: str, **kw: Any) -> None:
+            await send({"type": kind, "sequence_number": next(seq), **kw, **extra})
+
+        def response() -> dict:
+            return {"id": rid, "object": "response", "created_at": time.time(), "status": status, "error": error,
+                    "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                    "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
+                    "model": self.engine.model_name, "output": out, "parallel_tool_calls": False,
+                    "temperature": r.temperature, "top_p": r.top_p, "tool_choice": "none", "tools": [],
+                    "usage": job.usage(True) if job else None, "metadata": r.metadata or {}}
+
+        await emit("response.created", response=response())
+        if job is None:  # a warm-up (generate: false)
+            status = "completed"
+            await emit("response.completed", response=response())
+            return
+        await emit("response.in_progress", response=response())
+        item = {"id": mid, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        await emit("response.output_item.added", output_index=0, item=item)
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        await emit("response.content_part.added", **where, part=part)
+        try:
+            while job.left:
+                d = await job.next()
+                if d.text or (d.logprobs and r.top_logprobs is not None):
+                    await emit("response.output_text.delta", **where, delta=d.text,
+                               logprobs=self._logprobs(d.logprobs or []))
+        except ApiError as e:
+            status, error = "failed", {"code": "server_error", "message": str(e)}
+            await emit("response.failed", response=response())
+            return
+        text, reason = "".join(job.text[0]), job.done[0].finish_reason
+        part = {**part, "text": text, "logprobs": self._logprobs(job.logprobs[0])}
+        await emit("response.output_text.done", **where, text=text, logprobs=part["logprobs"])
+        await emit("response.content_part.done", **where, part=part)
+        status = {"stop": "completed", "length": "incomplete"}.get(reason, "cancelled")  # type: ignore[arg-type]
+        item = {**item, "status": "completed" if status == "completed" else "incomplete", "content": [part]}
+        await emit("response.output_item.done", output_index=0, item=item)
+        out.append(item)
+        await emit("response.completed" if status == "completed" else "response.incomplete", response=response())
+
+    async def responses_ws(self, ws: web.WebSocketResponse) -> None:
+        """The Responses WebSocket mode: each response.create runs as its own task, FIFO per stream_id
+        lane (lanes run side by side); response.cancel stops one by its response_id or lane."""
+        lanes: dict[str | None, asyncio.Task] = {}
+        running: dict[str, tuple[str | None, Job]] = {}  # response id -> (lane, job)
+        seq = itertools.count()
+
+        async def send(e: dict) -> None:
+            await ws.send_frame(msgspec.json.encode(e), WSMsgType.TEXT)
+
+        async def fail(e: ApiError, lane: str | None) -> None:  # the SDK reads code/message; OpenAI nests them
+            await send({**e.body(), "type": "error", "sequence_number": next(seq), "status": e.status,
+                        "error": e.body(), **({"stream_id": lane} if lane is not None else {})})
+
+        async def run(r: WsCreate, before: asyncio.Task | None) -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            job, rid = None, f"resp_ws{next(self._ids)}"
+            try:
+                if r.generate:
+                    job = await self._start_response(r)
+                    rid = f"resp_{job.rid}"
+                    running[rid] = (r.stream_id, job)
+                await self._respond(r, job, send, rid)
+            except ApiError as e:
+                await fail(e, r.stream_id)
+            except ConnectionError:
+                pass
+            finally:
+                running.pop(rid, None)
+                if job is not None:
+                    self._end(job)
+
+        try:
+            async for msg in ws:
+                if msg.type is not WSMsgType.TEXT:
+                    continue
+                try:
+                    c = _decode(msg.data, WsCreate | WsCancel)
+                    if isinstance(c, WsCancel):
+                        for rid, (lane, job) in list(running.items()):
+                            if rid == c.response_id or (c.response_id is None and lane == c.stream_id):
+                                self.engine.abort(job.rid)
+                        continue
+                    if c.stream:
+                        raise ApiError(400, "stream is HTTP-only: every WebSocket response streams", "invalid_request")
+                    lanes[c.stream_id] = task = asyncio.ensure_future(run(c, lanes.get(c.stream_id)))
+                    task.add_done_callback(lambda t, k=c.stream_id: lanes.get(k) is t and lanes.pop(k))
+                except ApiError as e:
+                    await fail(e, None)
+        finally:
+            for t in list(lanes.values()):
+                t.cancel()
+            for _, job in running.values():
+                self.engine.abort(job.rid)
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _event(resp: web.StreamResponse, obj: dict) -> None:
+    await resp.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")

@@ -6,6 +6,7 @@ mapped to the SDK's exception class, and a client that vanishes mid-stream freei
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_errors_map_to_sdk_exceptions(server: ServerProcess, client: openai.Open
 
 def test_broken_sse_client_frees_kv(server: ServerProcess, model: str) -> None:
     """A client that reads one event and vanishes: its request is cancelled and its KV freed."""
-    body = ('{"model": "%s", "prompt": "Once", "max_tokens": 200, "ignore_eos": true, "stream": true}' % model)
+    body = json.dumps({"model": model, "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True})
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())

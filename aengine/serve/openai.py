@@ -1,7 +1,7 @@
 """OpenAI's API on the same engine (docs/openai.md): GET /v1/models, POST /v1/chat/completions,
 /v1/completions and /v1/responses (one JSON body, or server-sent events with stream=true), and the
 Responses WebSocket mode at /v1/responses (response.create events, many responses per socket,
-routed by stream_id). Requests are msgspec Structs, so a body is validated while it is parsed."""
+routed by stream_id). Requests are msgspec Structs: a body is validated while it is parsed."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import asyncio
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import WSMsgType, web
@@ -19,7 +20,7 @@ from aengine.serve.session import Host, capped_max_tokens
 from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          413: "invalid_request_error", 426: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+          413: "invalid_request_error", 426: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class ApiError(Exception):
@@ -36,12 +37,11 @@ def openai_error(status: int, message: str, code: str | None = None) -> web.Resp
     return web.json_response({"error": ApiError(status, message, code).body()}, status=status)
 
 
-class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # a misspelt field is an error
     pass
 
 
-class Part(msgspec.Struct):  # a text part of a message's content; other fields (annotations...) are ignored
-    type: str
+class Part(msgspec.Struct):  # a text part of a message's content; other keys (annotations...) are ignored
     text: str
 
 
@@ -52,26 +52,23 @@ class ChatMessage(Strict):
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
 class Sampling(Strict):
-    """The fields every endpoint shares; the three requests below add their own."""
+    """The fields every endpoint takes; the requests below add their own."""
 
     model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     stream: bool = False
+    stream_options: dict[str, bool] | None = None  # {"include_usage": true}
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None  # JSON object keys are strings: token ids as text
     user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    response_format: dict[str, Any] | None = None  # structured output: see _params
+    response_format: dict[str, Any] | None = None  # structured output: see OpenAI._params
     # vLLM's and SGLang's extensions, named as they name them
     top_k: int = 0
     min_p: float = 0.0
@@ -83,20 +80,15 @@ class Sampling(Strict):
 
 class ChatRequest(Sampling, kw_only=True):
     messages: list[ChatMessage]
-    n: int = 1
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(Sampling, kw_only=True):
     prompt: str | list[int]
-    n: int = 1
     max_tokens: int | None = 16  # OpenAI's default for this endpoint
     logprobs: int | None = None
-    stream_options: StreamOptions | None = None
 
 
 class ResponsesRequest(Sampling, kw_only=True):
@@ -107,7 +99,7 @@ class ResponsesRequest(Sampling, kw_only=True):
     text: dict[str, Any] | None = None  # the Responses API's place for the output format
 
 
-class WsCreate(ResponsesRequest, tag="response.create", tag_field="type"):  # WebSocket mode
+class WsCreate(ResponsesRequest, tag="response.create", tag_field="type"):  # the WebSocket mode's events
     stream_id: str | None = None  # the lane: its responses run one after the other, and echo it
     generate: bool = True  # false: a warm-up that generates nothing
 
@@ -117,30 +109,24 @@ class WsCancel(Strict, tag="response.cancel", tag_field="type"):
     stream_id: str | None = None
 
 
-def _text(content: str | list[Part] | None) -> str:
+def _text(content: str | list[Part] | None) -> str | None:
     return content if isinstance(content, str) or content is None else "".join(p.text for p in content)
 
 
-def _decode(body: bytes | str, kind: type) -> Any:
+def _decode(body: bytes | str, kind: Any) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
     except (msgspec.DecodeError, RecursionError) as e:  # ValidationError says which field ($.n, ...)
         raise ApiError(400, f"invalid request: {e}", "invalid_request") from None
 
 
-class Responder(Protocol):  # how a Responses event reaches the client: an SSE line or a WebSocket frame
-    async def __call__(self, event: dict) -> None: ...
-
-
 @dataclass
 class Job:
-    """One request in the engine: its deltas, for every completion, arrive on q."""
+    """One request in the engine: the deltas of its n completions arrive on q."""
 
     rid: str
     n: int
-    params: SamplingParams
     q: asyncio.Queue[RequestDelta] = field(default_factory=asyncio.Queue)
-    left: int = 0  # completions not finished yet
     text: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=lambda: defaultdict(list))
     done: dict[int, RequestDelta] = field(default_factory=dict)  # index -> its last delta
@@ -150,21 +136,16 @@ class Job:
         self.text[d.index].append(d.text)
         self.logprobs[d.index].extend(d.logprobs or [])
         if d.finish_reason is not None:
-            self.left -= 1
             self.done[d.index] = d
             if d.finish_reason == "error":
                 raise ApiError(500, "the engine failed while running this request", "internal")
         return d
 
-    def usage(self, responses: bool = False) -> dict:
+    def usage(self) -> dict:
         outs = [d.output for d in self.done.values() if d.output is not None]
-        p = outs[0].prompt_tokens if outs else 0
-        c, cached = sum(len(o.token_ids) for o in outs), max((o.cached_tokens for o in outs), default=0)
-        if responses:
-            return {"input_tokens": p, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": c,
-                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
+        p, c = outs[0].prompt_tokens if outs else 0, sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": max((o.cached_tokens for o in outs), default=0)}}
 
 
 class OpenAI:
@@ -173,18 +154,18 @@ class OpenAI:
         self.live = 0  # requests in the engine: the server drains them like protocol v1's
         self._ids = itertools.count()
 
-    # ---- requests into the engine ----------------------------------------------------------
     def _params(self, r: Sampling, n_prompt: int) -> SamplingParams:
+        """The one place where an OpenAI request becomes the engine's SamplingParams."""
         fmt = r.response_format or ((r.text or {}).get("format") if isinstance(r, ResponsesRequest) else None)
-        if fmt and fmt.get("type") != "text":  # structured output maps here, onto the engine's fields
+        if fmt and fmt.get("type") != "text":  # structured output (json_schema, ...) maps onto the engine here
             raise ApiError(400, f"response format {fmt.get('type')!r} is not supported", "unsupported")
+        max_tokens, logprobs = r.max_tokens, getattr(r, "top_logprobs", None)
         if isinstance(r, ChatRequest):
-            max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (r.top_logprobs or 0) if r.logprobs \
-                else None
+            max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (logprobs or 0) if r.logprobs else None
         elif isinstance(r, CompletionRequest):
-            max_tokens, logprobs = r.max_tokens, r.logprobs
-        else:
-            max_tokens, logprobs = r.max_output_tokens, r.top_logprobs
+            logprobs = r.logprobs
+        elif isinstance(r, ResponsesRequest):
+            max_tokens = r.max_output_tokens or r.max_tokens
         try:
             bias = {int(k): v for k, v in (r.logit_bias or {}).items()}
         except ValueError:
@@ -194,12 +175,11 @@ class OpenAI:
         return SamplingParams(
             max_tokens=capped_max_tokens(self.server, max_tokens, n_prompt), temperature=r.temperature,
             top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, seed=r.seed, stop=r.stop, stop_token_ids=r.stop_token_ids,
-            ignore_eos=r.ignore_eos, n=getattr(r, "n", 1), logprobs=logprobs, presence_penalty=r.presence_penalty,
+            ignore_eos=r.ignore_eos, n=r.n, logprobs=logprobs, presence_penalty=r.presence_penalty,
             frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=bias or None,
             min_tokens=r.min_tokens)
 
-    async def _submit(self, r: Sampling, prompt: str | None, messages: list[dict] | None,
-                      input_ids: list[int] | None = None) -> Job:
+    async def _submit(self, r: Sampling) -> Job:
         srv, eng = self.server, self.engine
         if r.model not in (None, eng.model_name):
             raise ApiError(404, f"the model {r.model!r} does not exist; this server serves {eng.model_name!r}",
@@ -208,47 +188,47 @@ class OpenAI:
             raise ApiError(503, "the server is shutting down", "overloaded")
         if eng.stats().waiting + srv.tokenizing >= srv.cfg.max_waiting_requests:
             raise ApiError(429, "too many requests are waiting; retry later", "overloaded")
+        prompt = ids = msgs = None
+        if isinstance(r, ChatRequest):
+            msgs = [{"role": m.role, "content": _text(m.content)} for m in r.messages]
+        elif isinstance(r, CompletionRequest):
+            prompt, ids = (r.prompt, None) if isinstance(r.prompt, str) else (None, r.prompt)
+        elif isinstance(r, ResponsesRequest):
+            msgs = [{"role": "system", "content": r.instructions}] if r.instructions is not None else []
+            msgs += [{"role": "user", "content": r.input}] if isinstance(r.input, str) else \
+                [{"role": m.role, "content": _text(m.content)} for m in r.input]
         srv.tokenizing += 1
         try:
-            eng.check_size(prompt, messages, input_ids)
-            ids = await asyncio.get_running_loop().run_in_executor(srv.tok_pool, eng.encode, prompt, messages,
-                                                                   input_ids)
-            job = Job(f"oa{next(self._ids)}", getattr(r, "n", 1), self._params(r, len(ids)))
-            eng.submit(job.rid, ids, job.params, job.q.put_nowait)
+            eng.check_size(prompt, msgs, ids)
+            ids = await asyncio.get_running_loop().run_in_executor(srv.tok_pool, eng.encode, prompt, msgs, ids)
+            job = Job(f"oa{next(self._ids)}", r.n)
+            eng.submit(job.rid, ids, self._params(r, len(ids)), job.q.put_nowait)
         except EngineError as e:
             raise ApiError(400, str(e), e.code) from None
-        except ValueError as e:  # a bad max_tokens, a tokenizer without a chat template
+        except ValueError as e:  # a max_tokens over the server's limit, a tokenizer without a chat template
             raise ApiError(400, str(e), "invalid_request") from None
         finally:
             srv.tokenizing -= 1
-        job.left = job.n
         self.live += 1
         return job
 
     def _end(self, job: Job) -> None:
         self.live -= 1
-        if job.left:  # the client went away, or a write failed: free its KV within a step
+        if len(job.done) < job.n:  # the client went away, or a write failed: free its KV within a step
             self.engine.abort(job.rid)
         for d in job.done.values():
             self.server.metrics.finished(d.finish_reason or "error")
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
-        tok = self.engine.tokenizer.hf
-
         def one(t: int, lp: float) -> dict:
-            s = tok.decode([t])
+            s = self.engine.tokenizer.hf.decode([t])
             return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 
-    def _completion_logprobs(self, lps: list[TokenLogprob]) -> dict:
-        rows = self._logprobs(lps)
-        return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in r["top_logprobs"]} for r in rows],
-                "text_offset": list(itertools.accumulate([len(r["token"]) for r in rows], initial=0))[:-1]}
-
     # ---- HTTP ------------------------------------------------------------------------------
     async def http(self, request: web.Request) -> web.StreamResponse:
+        job = None
         try:
             if request.path == "/v1/models":
                 return web.json_response({"object": "list", "data": [
@@ -256,25 +236,14 @@ class OpenAI:
                      "max_model_len": self.engine.max_model_len}]})
             kind = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
                     "/v1/responses": ResponsesRequest}.get(request.path)
-            if kind is None:
+            if kind is None or request.method != "POST":
                 raise ApiError(404, f"no endpoint {request.method} {request.path}", "not_found")
-            if request.method != "POST":
-                raise ApiError(405, f"{request.path} takes POST", "method_not_allowed")
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
             r = _decode(body, kind)
-            if isinstance(r, ChatRequest):
-                job = await self._submit(r, None, [{"role": m.role, "content": _text(m.content)} for m in r.messages])
-            elif isinstance(r, CompletionRequest):
-                text = isinstance(r.prompt, str)
-                job = await self._submit(r, r.prompt if text else None, None, None if text else r.prompt)
-            else:
-                job = await self._start_response(r)
-        except ApiError as e:
-            return web.json_response({"error": e.body()}, status=e.status)
-        try:
+            job = await self._submit(r)
             if isinstance(r, ResponsesRequest):
                 return await self._responses_http(request, r, job)
             return await (self._stream if r.stream else self._whole)(request, r, job)
@@ -283,26 +252,28 @@ class OpenAI:
         except ConnectionError:  # the client went away mid-stream: _end aborts the request
             return web.Response()
         finally:
-            self._end(job)
+            if job is not None:
+                self._end(job)
 
-    def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob] | None,
-                finish: str | None, chunk: bool) -> dict:
-        reason = {"cancelled": "abort"}.get(finish, finish) if finish else None  # vLLM's word for it
+    def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob], finish: str | None,
+                chunk: bool) -> dict:
+        c = {"index": i, "finish_reason": {"cancelled": "abort"}.get(finish, finish)}  # "abort": vLLM's word
         if isinstance(r, CompletionRequest):
-            return {"index": i, "text": text, "finish_reason": reason,
-                    "logprobs": self._completion_logprobs(lps or []) if r.logprobs is not None else None}
-        msg = {"role": "assistant", "content": text}
-        return {"index": i, ("delta" if chunk else "message"): msg, "finish_reason": reason,
-                "logprobs": {"content": self._logprobs(lps or []), "refusal": None} if r.logprobs else None}
+            rows = self._logprobs(lps) if r.logprobs is not None else None
+            return {**c, "text": text, "logprobs": None if rows is None else {
+                "tokens": [x["token"] for x in rows], "token_logprobs": [x["logprob"] for x in rows],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in rows],
+                "text_offset": list(itertools.accumulate([len(x["token"]) for x in rows], initial=0))[:-1]}}
+        return {**c, ("delta" if chunk else "message"): {"role": "assistant", "content": text},
+                "logprobs": {"content": self._logprobs(lps), "refusal": None} if r.logprobs else None}  # type: ignore
 
     def _head(self, r: Sampling, job: Job, chunk: bool) -> dict:
-        obj = "text_completion" if isinstance(r, CompletionRequest) else \
-            "chat.completion.chunk" if chunk else "chat.completion"
+        obj = "text_completion" if isinstance(r, CompletionRequest) else f"chat.completion{'.chunk' * chunk}"
         return {"id": ("cmpl-" if obj == "text_completion" else "chatcmpl-") + job.rid, "object": obj,
                 "created": int(time.time()), "model": self.engine.model_name}
 
     async def _whole(self, request: web.Request, r: Sampling, job: Job) -> web.Response:
-        while job.left:
+        while len(job.done) < job.n:
             await job.next()
         choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
                    for i in sorted(job.done)]
@@ -310,104 +281,80 @@ class OpenAI:
 
     async def _stream(self, request: web.Request, r: Sampling, job: Job) -> web.StreamResponse:
         resp = await _sse(request)
-        head = self._head(r, job, True)
-        usage = r.stream_options is not None and r.stream_options.include_usage  # type: ignore[attr-defined]
-        extra = {"usage": None} if usage else {}
-        if isinstance(r, ChatRequest):  # OpenAI's first chunk per choice: the role
-            for i in range(job.n):
-                c = self._choice(r, i, "", None, None, True)
-                c["logprobs"] = None
-                await _event(resp, {**head, "choices": [c], **extra})
-        while job.left:
-            try:
+        head, usage = self._head(r, job, True), (r.stream_options or {}).get("include_usage", False)
+        head |= {"usage": None} if usage else {}
+        try:
+            while len(job.done) < job.n:
                 d = await job.next()
-            except ApiError as e:
-                await _event(resp, {"error": e.body()})
-                break
-            if d.text or d.finish_reason or (d.logprobs and r.logprobs):
-                c = self._choice(r, d.index, d.text, d.logprobs, d.finish_reason, True)
-                await _event(resp, {**head, "choices": [c], **extra})
-        if usage and not job.left:
-            await _event(resp, {**head, "choices": [], "usage": job.usage()})
+                if d.text or d.finish_reason or d.logprobs:
+                    c = self._choice(r, d.index, d.text, d.logprobs or [], d.finish_reason, True)
+                    await _event(resp, {**head, "choices": [c]})
+            if usage:
+                await _event(resp, {**head, "choices": [], "usage": job.usage()})
+        except ApiError as e:
+            await _event(resp, {"error": e.body()})
         await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
         return resp
 
     # ---- the Responses API, over SSE and WebSocket ---------------------------------------
-    async def _start_response(self, r: ResponsesRequest) -> Job:
-        msgs = [{"role": "system", "content": r.instructions}] if r.instructions is not None else []
-        if isinstance(r.input, str):
-            msgs.append({"role": "user", "content": r.input})
-        else:
-            msgs += [{"role": m.role, "content": _text(m.content)} for m in r.input]
-        return await self._submit(r, None, msgs)
-
     async def _responses_http(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
         if not r.stream:
             events: list[dict] = []
-
-            async def keep(e: dict) -> None:
-                events.append(e)
-
-            await self._respond(r, job, keep)
+            await self._respond(r, job, f"resp_{job.rid}", events.append)  # type: ignore[arg-type]
             return web.json_response(events[-1]["response"])
         resp = await _sse(request)
 
-        async def send(e: dict) -> None:
-            await resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
+        def send(e: dict) -> Awaitable[None]:
+            return resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
 
-        await self._respond(r, job, send)
-        await resp.write_eof()
+        await self._respond(r, job, f"resp_{job.rid}", send)
         return resp
 
-    async def _respond(self, r: ResponsesRequest, job: Job | None, send: Responder, rid: str | None = None) -> None:
-        """Runs one response to its end, as the events of OpenAI's Responses streaming."""
-        seq = itertools.count()
-        rid = rid or f"resp_{job.rid}"  # type: ignore[union-attr]
-        mid, out, status, error = f"msg_{rid[5:]}", [], "in_progress", None
-        lane = getattr(r, "stream_id", None)
-        extra = {"stream_id": lane} if lane is not None else {}
-        where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    async def _respond(self, r: ResponsesRequest, job: Job | None, rid: str,
+                       send: Callable[[dict], Awaitable[None] | None]) -> None:
+        """Runs one response to its end as the events of OpenAI's Responses streaming."""
+        seq, status, error, output = itertools.count(), "in_progress", None, []
+        lane = {"stream_id": r.stream_id} if isinstance(r, WsCreate) and r.stream_id is not None else {}
+        where = {"item_id": f"msg_{rid[5:]}", "output_index": 0, "content_index": 0}
 
         async def emit(kind: str, **kw: Any) -> None:
-            await send({"type": kind, "sequence_number": next(seq), **kw, **extra})
+            if (w := send({"type": kind, "sequence_number": next(seq), **kw, **lane})) is not None:
+                await w
 
         def response() -> dict:
+            u = job.usage() if job else {}
             return {"id": rid, "object": "response", "created_at": time.time(), "status": status, "error": error,
                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                    "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
-                    "model": self.engine.model_name, "output": out, "parallel_tool_calls": False,
-                    "temperature": r.temperature, "top_p": r.top_p, "tool_choice": "none", "tools": [],
-                    "usage": job.usage(True) if job else None, "metadata": r.metadata or {}}
+                    "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "output": output,
+                    "model": self.engine.model_name, "parallel_tool_calls": False, "temperature": r.temperature,
+                    "top_p": r.top_p, "tool_choice": "none", "tools": [], "usage": u and {
+                        "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                        "input_tokens_details": u["prompt_tokens_details"], "total_tokens": u["total_tokens"],
+                        "output_tokens_details": {"reasoning_tokens": 0}}}
 
         await emit("response.created", response=response())
         if job is None:  # a warm-up (generate: false)
             status = "completed"
-            await emit("response.completed", response=response())
-            return
+            return await emit("response.completed", response=response())
         await emit("response.in_progress", response=response())
-        item = {"id": mid, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        item = {"id": where["item_id"], "type": "message", "role": "assistant", "status": "in_progress", "content": []}
         await emit("response.output_item.added", output_index=0, item=item)
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         await emit("response.content_part.added", **where, part=part)
         try:
-            while job.left:
-                d = await job.next()
-                if d.text or (d.logprobs and r.top_logprobs is not None):
+            while len(job.done) < job.n:
+                if (d := await job.next()).text or d.logprobs:
                     await emit("response.output_text.delta", **where, delta=d.text,
                                logprobs=self._logprobs(d.logprobs or []))
         except ApiError as e:
             status, error = "failed", {"code": "server_error", "message": str(e)}
-            await emit("response.failed", response=response())
-            return
-        text, reason = "".join(job.text[0]), job.done[0].finish_reason
-        part = {**part, "text": text, "logprobs": self._logprobs(job.logprobs[0])}
-        await emit("response.output_text.done", **where, text=text, logprobs=part["logprobs"])
+            return await emit("response.failed", response=response())
+        part |= {"text": "".join(job.text[0]), "logprobs": self._logprobs(job.logprobs[0])}
+        await emit("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
         await emit("response.content_part.done", **where, part=part)
-        status = {"stop": "completed", "length": "incomplete"}.get(reason, "cancelled")  # type: ignore[arg-type]
-        item = {**item, "status": "completed" if status == "completed" else "incomplete", "content": [part]}
-        await emit("response.output_item.done", output_index=0, item=item)
-        out.append(item)
+        status = {"stop": "completed", "length": "incomplete"}.get(job.done[0].finish_reason, "cancelled")  # type: ignore
+        output.append(item | {"status": "completed" if status == "completed" else "incomplete", "content": [part]})
+        await emit("response.output_item.done", output_index=0, item=output[0])
         await emit("response.completed" if status == "completed" else "response.incomplete", response=response())
 
     async def responses_ws(self, ws: web.WebSocketResponse) -> None:
@@ -430,10 +377,10 @@ class OpenAI:
             job, rid = None, f"resp_ws{next(self._ids)}"
             try:
                 if r.generate:
-                    job = await self._start_response(r)
+                    job = await self._submit(r)
                     rid = f"resp_{job.rid}"
                     running[rid] = (r.stream_id, job)
-                await self._respond(r, job, send, rid)
+                await self._respond(r, job, rid, send)
             except ApiError as e:
                 await fail(e, r.stream_id)
             except ConnectionError:
@@ -445,19 +392,19 @@ class OpenAI:
 
         try:
             async for msg in ws:
-                if msg.type is not WSMsgType.TEXT:
-                    continue
                 try:
+                    if msg.type is not WSMsgType.TEXT:
+                        raise ApiError(400, "send JSON text frames", "invalid_request")
                     c = _decode(msg.data, WsCreate | WsCancel)
                     if isinstance(c, WsCancel):
-                        for rid, (lane, job) in list(running.items()):
+                        for rid, (lane, job) in running.items():
                             if rid == c.response_id or (c.response_id is None and lane == c.stream_id):
                                 self.engine.abort(job.rid)
-                        continue
-                    if c.stream:
+                    elif c.stream:
                         raise ApiError(400, "stream is HTTP-only: every WebSocket response streams", "invalid_request")
-                    lanes[c.stream_id] = task = asyncio.ensure_future(run(c, lanes.get(c.stream_id)))
-                    task.add_done_callback(lambda t, k=c.stream_id: lanes.get(k) is t and lanes.pop(k))
+                    else:
+                        lanes[c.stream_id] = task = asyncio.ensure_future(run(c, lanes.get(c.stream_id)))
+                        task.add_done_callback(lambda t, k=c.stream_id: lanes.get(k) is t and lanes.pop(k))
                 except ApiError as e:
                     await fail(e, None)
         finally:

@@ -10,7 +10,6 @@ import itertools
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
@@ -19,22 +18,19 @@ from aiohttp import WSMsgType, web
 from aengine.serve.session import Host, capped_max_tokens
 from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          413: "invalid_request_error", 426: "invalid_request_error", 429: "rate_limit_error"}
-
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code = status, code
 
-    def body(self) -> dict:
-        return {"message": str(self), "type": _TYPES.get(self.status, "server_error"), "param": None,
+    def body(self) -> dict:  # OpenAI's error object
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        return {"message": str(self), "type": kind if self.status < 500 else "server_error", "param": None,
                 "code": self.code}
 
-
-def openai_error(status: int, message: str, code: str | None = None) -> web.Response:
-    return web.json_response({"error": ApiError(status, message, code).body()}, status=status)
+    def response(self) -> web.Response:
+        return web.json_response({"error": self.body()}, status=self.status)
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # a misspelt field is an error
@@ -52,9 +48,7 @@ class ChatMessage(Strict):
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-class Sampling(Strict):
-    """The fields every endpoint takes; the requests below add their own."""
-
+class Sampling(Strict):  # the fields every endpoint takes; the requests below add their own
     model: str | None = None
     n: int = 1
     max_tokens: int | None = None
@@ -66,7 +60,7 @@ class Sampling(Strict):
     stop: str | list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None  # JSON object keys are strings: token ids as text
+    logit_bias: dict[int, float] | None = None  # token ids, as strings in JSON
     user: str | None = None
     response_format: dict[str, Any] | None = None  # structured output: see OpenAI._params
     # vLLM's and SGLang's extensions, named as they name them
@@ -101,7 +95,6 @@ class ResponsesRequest(Sampling, kw_only=True):
 
 class WsCreate(ResponsesRequest, tag="response.create", tag_field="type"):  # the WebSocket mode's events
     stream_id: str | None = None  # the lane: its responses run one after the other, and echo it
-    generate: bool = True  # false: a warm-up that generates nothing
 
 
 class WsCancel(Strict, tag="response.cancel", tag_field="type"):
@@ -120,16 +113,14 @@ def _decode(body: bytes | str, kind: Any) -> Any:
         raise ApiError(400, f"invalid request: {e}", "invalid_request") from None
 
 
-@dataclass
 class Job:
     """One request in the engine: the deltas of its n completions arrive on q."""
 
-    rid: str
-    n: int
-    q: asyncio.Queue[RequestDelta] = field(default_factory=asyncio.Queue)
-    text: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
-    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=lambda: defaultdict(list))
-    done: dict[int, RequestDelta] = field(default_factory=dict)  # index -> its last delta
+    def __init__(self, rid: str, n: int) -> None:
+        self.rid, self.n, self.q = rid, n, asyncio.Queue[RequestDelta]()
+        self.text: dict[int, list[str]] = defaultdict(list)
+        self.logprobs: dict[int, list[TokenLogprob]] = defaultdict(list)
+        self.done: dict[int, RequestDelta] = {}  # completion index -> its last delta
 
     async def next(self) -> RequestDelta:
         d = await self.q.get()
@@ -141,11 +132,11 @@ class Job:
                 raise ApiError(500, "the engine failed while running this request", "internal")
         return d
 
-    def usage(self) -> dict:
+    def usage(self, p: str = "prompt", c: str = "completion") -> dict:  # the Responses API says input, output
         outs = [d.output for d in self.done.values() if d.output is not None]
-        p, c = outs[0].prompt_tokens if outs else 0, sum(len(o.token_ids) for o in outs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": max((o.cached_tokens for o in outs), default=0)}}
+        np, nc = outs[0].prompt_tokens if outs else 0, sum(len(o.token_ids) for o in outs)
+        return {f"{p}_tokens": np, f"{c}_tokens": nc, "total_tokens": np + nc,
+                f"{p}_tokens_details": {"cached_tokens": max((o.cached_tokens for o in outs), default=0)}}
 
 
 class OpenAI:
@@ -166,17 +157,13 @@ class OpenAI:
             logprobs = r.logprobs
         elif isinstance(r, ResponsesRequest):
             max_tokens = r.max_output_tokens or r.max_tokens
-        try:
-            bias = {int(k): v for k, v in (r.logit_bias or {}).items()}
-        except ValueError:
-            raise ApiError(400, "logit_bias keys must be token ids", "invalid_request") from None
-        if any(not 0 <= t < self.engine.hf_config.vocab_size for t in bias):
+        if any(not 0 <= t < self.engine.hf_config.vocab_size for t in r.logit_bias or {}):
             raise ApiError(400, "logit_bias holds a token id outside the vocabulary", "invalid_request")
         return SamplingParams(
             max_tokens=capped_max_tokens(self.server, max_tokens, n_prompt), temperature=r.temperature,
             top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, seed=r.seed, stop=r.stop, stop_token_ids=r.stop_token_ids,
             ignore_eos=r.ignore_eos, n=r.n, logprobs=logprobs, presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=bias or None,
+            frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=r.logit_bias,
             min_tokens=r.min_tokens)
 
     async def _submit(self, r: Sampling) -> Job:
@@ -226,7 +213,6 @@ class OpenAI:
 
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 
-    # ---- HTTP ------------------------------------------------------------------------------
     async def http(self, request: web.Request) -> web.StreamResponse:
         job = None
         try:
@@ -248,7 +234,7 @@ class OpenAI:
                 return await self._responses_http(request, r, job)
             return await (self._stream if r.stream else self._whole)(request, r, job)
         except ApiError as e:
-            return web.json_response({"error": e.body()}, status=e.status)
+            return e.response()
         except ConnectionError:  # the client went away mid-stream: _end aborts the request
             return web.Response()
         finally:
@@ -285,57 +271,45 @@ class OpenAI:
         head |= {"usage": None} if usage else {}
         try:
             while len(job.done) < job.n:
-                d = await job.next()
-                if d.text or d.finish_reason or d.logprobs:
+                if (d := await job.next()).text or d.finish_reason or d.logprobs:
                     c = self._choice(r, d.index, d.text, d.logprobs or [], d.finish_reason, True)
-                    await _event(resp, {**head, "choices": [c]})
+                    await resp.write(b"data: %s\n\n" % msgspec.json.encode({**head, "choices": [c]}))
             if usage:
-                await _event(resp, {**head, "choices": [], "usage": job.usage()})
+                await resp.write(b"data: %s\n\n" % msgspec.json.encode({**head, "choices": [], "usage": job.usage()}))
         except ApiError as e:
-            await _event(resp, {"error": e.body()})
+            await resp.write(b"data: %s\n\n" % msgspec.json.encode({"error": e.body()}))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    # ---- the Responses API, over SSE and WebSocket ---------------------------------------
     async def _responses_http(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
-        if not r.stream:
-            events: list[dict] = []
-            await self._respond(r, job, f"resp_{job.rid}", events.append)  # type: ignore[arg-type]
-            return web.json_response(events[-1]["response"])
-        resp = await _sse(request)
+        resp, events = await _sse(request) if r.stream else None, []
 
-        def send(e: dict) -> Awaitable[None]:
-            return resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
+        async def send(e: dict) -> None:
+            if resp is None:
+                return events.append(e)
+            await resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
 
-        await self._respond(r, job, f"resp_{job.rid}", send)
-        return resp
+        await self._respond(r, job, send)
+        return resp or web.json_response(events[-1]["response"])
 
-    async def _respond(self, r: ResponsesRequest, job: Job | None, rid: str,
-                       send: Callable[[dict], Awaitable[None] | None]) -> None:
+    async def _respond(self, r: ResponsesRequest, job: Job, send: Callable[[dict], Awaitable[None]]) -> None:
         """Runs one response to its end as the events of OpenAI's Responses streaming."""
-        seq, status, error, output = itertools.count(), "in_progress", None, []
+        seq, status, error, output, rid = itertools.count(), "in_progress", None, [], f"resp_{job.rid}"
         lane = {"stream_id": r.stream_id} if isinstance(r, WsCreate) and r.stream_id is not None else {}
-        where = {"item_id": f"msg_{rid[5:]}", "output_index": 0, "content_index": 0}
+        where = {"item_id": f"msg_{job.rid}", "output_index": 0, "content_index": 0}
 
         async def emit(kind: str, **kw: Any) -> None:
-            if (w := send({"type": kind, "sequence_number": next(seq), **kw, **lane})) is not None:
-                await w
+            await send({"type": kind, "sequence_number": next(seq), **kw, **lane})
 
         def response() -> dict:
-            u = job.usage() if job else {}
             return {"id": rid, "object": "response", "created_at": time.time(), "status": status, "error": error,
                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                     "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "output": output,
                     "model": self.engine.model_name, "parallel_tool_calls": False, "temperature": r.temperature,
-                    "top_p": r.top_p, "tool_choice": "none", "tools": [], "usage": u and {
-                        "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-                        "input_tokens_details": u["prompt_tokens_details"], "total_tokens": u["total_tokens"],
-                        "output_tokens_details": {"reasoning_tokens": 0}}}
+                    "top_p": r.top_p, "tool_choice": "none", "tools": [],
+                    "usage": job.usage("input", "output") if job.done else None}
 
         await emit("response.created", response=response())
-        if job is None:  # a warm-up (generate: false)
-            status = "completed"
-            return await emit("response.completed", response=response())
         await emit("response.in_progress", response=response())
         item = {"id": where["item_id"], "type": "message", "role": "assistant", "status": "in_progress", "content": []}
         await emit("response.output_item.added", output_index=0, item=item)
@@ -374,20 +348,18 @@ class OpenAI:
         async def run(r: WsCreate, before: asyncio.Task | None) -> None:
             if before is not None:
                 await asyncio.wait([before])
-            job, rid = None, f"resp_ws{next(self._ids)}"
+            job = None
             try:
-                if r.generate:
-                    job = await self._submit(r)
-                    rid = f"resp_{job.rid}"
-                    running[rid] = (r.stream_id, job)
-                await self._respond(r, job, rid, send)
+                job = await self._submit(r)
+                running[f"resp_{job.rid}"] = (r.stream_id, job)
+                await self._respond(r, job, send)
             except ApiError as e:
                 await fail(e, r.stream_id)
             except ConnectionError:
                 pass
             finally:
-                running.pop(rid, None)
                 if job is not None:
+                    running.pop(f"resp_{job.rid}")
                     self._end(job)
 
         try:
@@ -407,7 +379,7 @@ class OpenAI:
                         task.add_done_callback(lambda t, k=c.stream_id: lanes.get(k) is t and lanes.pop(k))
                 except ApiError as e:
                     await fail(e, None)
-        finally:
+        finally:  # the socket closed: free every request's KV now
             for t in list(lanes.values()):
                 t.cancel()
             for _, job in running.values():
@@ -418,7 +390,3 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     return resp
-
-
-async def _event(resp: web.StreamResponse, obj: dict) -> None:
-    await resp.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")

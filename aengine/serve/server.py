@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 from aengine.config import EngineConfig, ServerConfig
 from aengine.engine import AsyncEngine
 from aengine.serve.metrics import Metrics, debug_state
-from aengine.serve.openai import OpenAI, openai_error
+from aengine.serve.openai import ApiError, OpenAI
 from aengine.serve.protocol import Error, Hello, encode
 from aengine.serve.session import Session
 
@@ -192,7 +192,7 @@ def _plain(body: str, content_type: str) -> web.Response:
 
 def _refuse(api: bool, status: int, message: str) -> web.Response:
     """A refusal before any request exists: OpenAI's error body under /v1/, a plain line elsewhere."""
-    return openai_error(status, message) if api else web.Response(status=status, text=message + "\n")
+    return ApiError(status, message).response() if api else web.Response(status=status, text=message + "\n")
 
 
 def exposed_without_key(cfg: ServerConfig) -> bool:

@@ -1,7 +1,6 @@
-"""OpenAI's API on the same engine (docs/openai.md): GET /v1/models, POST /v1/chat/completions,
-/v1/completions and /v1/responses (one JSON body, or server-sent events with stream=true), and the
-Responses WebSocket mode at /v1/responses (response.create events, many responses per socket,
-routed by stream_id). Requests are msgspec Structs: a body is validated while it is parsed."""
+"""OpenAI's API on the same engine (docs/openai.md): /v1/models, /v1/chat/completions, /v1/completions
+and /v1/responses over HTTP (JSON or server-sent events), and the Responses WebSocket mode at
+/v1/responses. Requests are msgspec Structs: a body is validated while it is parsed."""
 
 from __future__ import annotations
 
@@ -33,22 +32,19 @@ class ApiError(Exception):
         return web.json_response({"error": self.body()}, status=self.status)
 
 
-class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # a misspelt field is an error
-    pass
-
-
 class Part(msgspec.Struct):  # a text part of a message's content; other keys (annotations...) are ignored
     text: str
 
 
-class ChatMessage(Strict):
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str | list[Part] | None = None
     name: str | None = None
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-class Sampling(Strict):  # the fields every endpoint takes; the requests below add their own
+class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # a misspelt field is an error
+    # the fields every endpoint takes; the requests below add their own
     model: str | None = None
     n: int = 1
     max_tokens: int | None = None
@@ -97,7 +93,7 @@ class WsCreate(ResponsesRequest, tag="response.create", tag_field="type"):  # th
     stream_id: str | None = None  # the lane: its responses run one after the other, and echo it
 
 
-class WsCancel(Strict, tag="response.cancel", tag_field="type"):
+class WsCancel(msgspec.Struct, forbid_unknown_fields=True, tag="response.cancel", tag_field="type"):
     response_id: str | None = None
     stream_id: str | None = None
 
@@ -230,9 +226,7 @@ class OpenAI:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
             r = _decode(body, kind)
             job = await self._submit(r)
-            if isinstance(r, ResponsesRequest):
-                return await self._responses_http(request, r, job)
-            return await (self._stream if r.stream else self._whole)(request, r, job)
+            return await (self._responses if isinstance(r, ResponsesRequest) else self._completions)(request, r, job)
         except ApiError as e:
             return e.response()
         except ConnectionError:  # the client went away mid-stream: _end aborts the request
@@ -253,21 +247,17 @@ class OpenAI:
         return {**c, ("delta" if chunk else "message"): {"role": "assistant", "content": text},
                 "logprobs": {"content": self._logprobs(lps), "refusal": None} if r.logprobs else None}  # type: ignore
 
-    def _head(self, r: Sampling, job: Job, chunk: bool) -> dict:
-        obj = "text_completion" if isinstance(r, CompletionRequest) else f"chat.completion{'.chunk' * chunk}"
-        return {"id": ("cmpl-" if obj == "text_completion" else "chatcmpl-") + job.rid, "object": obj,
+    async def _completions(self, request: web.Request, r: Sampling, job: Job) -> web.StreamResponse:
+        kind = "text_completion" if isinstance(r, CompletionRequest) else f"chat.completion{'.chunk' * r.stream}"
+        head = {"id": f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{job.rid}", "object": kind,
                 "created": int(time.time()), "model": self.engine.model_name}
-
-    async def _whole(self, request: web.Request, r: Sampling, job: Job) -> web.Response:
-        while len(job.done) < job.n:
-            await job.next()
-        choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
-                   for i in sorted(job.done)]
-        return web.json_response({**self._head(r, job, False), "choices": choices, "usage": job.usage()})
-
-    async def _stream(self, request: web.Request, r: Sampling, job: Job) -> web.StreamResponse:
-        resp = await _sse(request)
-        head, usage = self._head(r, job, True), (r.stream_options or {}).get("include_usage", False)
+        if not r.stream:
+            while len(job.done) < job.n:
+                await job.next()
+            choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
+                       for i in sorted(job.done)]
+            return web.json_response({**head, "choices": choices, "usage": job.usage()})
+        resp, usage = await _sse(request), (r.stream_options or {}).get("include_usage", False)
         head |= {"usage": None} if usage else {}
         try:
             while len(job.done) < job.n:
@@ -281,7 +271,7 @@ class OpenAI:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async def _responses_http(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
+    async def _responses(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
         resp, events = await _sse(request) if r.stream else None, []
 
         async def send(e: dict) -> None:

@@ -32,13 +32,9 @@ class ApiError(Exception):
         return web.json_response({"error": self.body()}, status=self.status)
 
 
-class Part(msgspec.Struct):  # a text part of a message's content; other keys (annotations...) are ignored
-    text: str
-
-
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
-    content: str | list[Part] | None = None
+    content: str | list[dict[str, Any]] | None = None  # a string, or parts: their "text" is read
     name: str | None = None
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
@@ -98,8 +94,8 @@ class WsCancel(msgspec.Struct, forbid_unknown_fields=True, tag="response.cancel"
     stream_id: str | None = None
 
 
-def _text(content: str | list[Part] | None) -> str | None:
-    return content if isinstance(content, str) or content is None else "".join(p.text for p in content)
+def _text(content: str | list[dict[str, Any]] | None) -> str | None:
+    return content if isinstance(content, str) or content is None else "".join(p.get("text", "") for p in content)
 
 
 def _decode(body: bytes | str, kind: Any) -> Any:
@@ -203,19 +199,17 @@ class OpenAI:
             self.server.metrics.finished(d.finish_reason or "error")
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
-        def one(t: int, lp: float) -> dict:
-            s = self.engine.tokenizer.hf.decode([t])
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
+        one = lambda t, lp: {"token": (s := self.engine.tokenizer.hf.decode([t])), "logprob": lp,
+                             "bytes": list(s.encode())}
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 
     async def http(self, request: web.Request) -> web.StreamResponse:
         job = None
         try:
             if request.path == "/v1/models":
-                return web.json_response({"object": "list", "data": [
-                    {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "aengine",
-                     "max_model_len": self.engine.max_model_len}]})
+                card = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "aengine",
+                        "max_model_len": self.engine.max_model_len}
+                return web.json_response({"object": "list", "data": [card]})
             kind = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
                     "/v1/responses": ResponsesRequest}.get(request.path)
             if kind is None or request.method != "POST":
@@ -324,7 +318,8 @@ class OpenAI:
     async def responses_ws(self, ws: web.WebSocketResponse) -> None:
         """The Responses WebSocket mode: each response.create runs as its own task, FIFO per stream_id
         lane (lanes run side by side); response.cancel stops one by its response_id or lane."""
-        lanes: dict[str | None, asyncio.Task] = {}
+        lanes: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # a Lock wakes waiters FIFO
+        tasks: set[asyncio.Task] = set()
         running: dict[str, tuple[str | None, Job]] = {}  # response id -> (lane, job)
         seq = itertools.count()
 
@@ -335,22 +330,21 @@ class OpenAI:
             await send({**e.body(), "type": "error", "sequence_number": next(seq), "status": e.status,
                         "error": e.body(), **({"stream_id": lane} if lane is not None else {})})
 
-        async def run(r: WsCreate, before: asyncio.Task | None) -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            job = None
-            try:
-                job = await self._submit(r)
-                running[f"resp_{job.rid}"] = (r.stream_id, job)
-                await self._respond(r, job, send)
-            except ApiError as e:
-                await fail(e, r.stream_id)
-            except ConnectionError:
-                pass
-            finally:
-                if job is not None:
-                    running.pop(f"resp_{job.rid}")
-                    self._end(job)
+        async def run(r: WsCreate) -> None:
+            async with lanes[r.stream_id]:
+                job = None
+                try:
+                    job = await self._submit(r)
+                    running[f"resp_{job.rid}"] = (r.stream_id, job)
+                    await self._respond(r, job, send)
+                except ApiError as e:
+                    await fail(e, r.stream_id)
+                except ConnectionError:
+                    pass
+                finally:
+                    if job is not None:  # cancelled with the socket too: _end aborts the request
+                        running.pop(f"resp_{job.rid}")
+                        self._end(job)
 
         try:
             async for msg in ws:
@@ -365,15 +359,13 @@ class OpenAI:
                     elif c.stream:
                         raise ApiError(400, "stream is HTTP-only: every WebSocket response streams", "invalid_request")
                     else:
-                        lanes[c.stream_id] = task = asyncio.ensure_future(run(c, lanes.get(c.stream_id)))
-                        task.add_done_callback(lambda t, k=c.stream_id: lanes.get(k) is t and lanes.pop(k))
+                        tasks.add(task := asyncio.ensure_future(run(c)))
+                        task.add_done_callback(tasks.discard)
                 except ApiError as e:
                     await fail(e, None)
-        finally:  # the socket closed: free every request's KV now
-            for t in list(lanes.values()):
+        finally:
+            for t in tasks:
                 t.cancel()
-            for _, job in running.values():
-                self.engine.abort(job.rid)
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:

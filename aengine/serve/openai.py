@@ -28,9 +28,6 @@ class ApiError(Exception):
         return {"message": str(self), "type": kind if self.status < 500 else "server_error", "param": None,
                 "code": self.code}
 
-    def response(self) -> web.Response:
-        return web.json_response({"error": self.body()}, status=self.status)
-
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
@@ -39,8 +36,7 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # a misspelt field is an error
-    # the fields every endpoint takes; the requests below add their own
+class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # every endpoint's fields; typos refused
     model: str | None = None
     n: int = 1
     max_tokens: int | None = None
@@ -95,7 +91,7 @@ class WsCancel(msgspec.Struct, forbid_unknown_fields=True, tag="response.cancel"
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str | None:
-    return content if isinstance(content, str) or content is None else "".join(p.get("text", "") for p in content)
+    return content if isinstance(content, str) or content is None else "".join(str(p.get("text", "")) for p in content)
 
 
 def _decode(body: bytes | str, kind: Any) -> Any:
@@ -105,9 +101,7 @@ def _decode(body: bytes | str, kind: Any) -> Any:
         raise ApiError(400, f"invalid request: {e}", "invalid_request") from None
 
 
-class Job:
-    """One request in the engine: the deltas of its n completions arrive on q."""
-
+class Job:  # one request in the engine: the deltas of its n completions arrive on q
     def __init__(self, rid: str, n: int) -> None:
         self.rid, self.n, self.q = rid, n, asyncio.Queue[RequestDelta]()
         self.text: dict[int, list[str]] = defaultdict(list)
@@ -222,7 +216,7 @@ class OpenAI:
             job = await self._submit(r)
             return await (self._responses if isinstance(r, ResponsesRequest) else self._completions)(request, r, job)
         except ApiError as e:
-            return e.response()
+            return web.json_response({"error": e.body()}, status=e.status)
         except ConnectionError:  # the client went away mid-stream: _end aborts the request
             return web.Response()
         finally:

@@ -9,7 +9,6 @@ import asyncio
 import hmac
 import ipaddress
 import itertools
-import json
 import logging
 import signal
 import socket
@@ -30,6 +29,7 @@ from aengine.serve.session import Session
 log = logging.getLogger("aengine")
 # The browser chat page, served at GET / (a WebSocket upgrade on / is still the API).
 CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
+METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Server:
@@ -56,16 +56,16 @@ class Server:
             ok = self.healthy
             return web.Response(status=200 if ok else 503, text="ok\n" if ok else "unavailable\n")
         if path == "/metrics":
-            return _plain(self.metrics.render(self.engine), "text/plain; version=0.0.4; charset=utf-8")
+            return web.Response(body=self.metrics.render(self.engine).encode(), headers={"Content-Type": METRICS})
         api = path.startswith("/v1/")
         for name in ("Authorization", "Upgrade"):  # which one would count? refuse rather than guess
             if len(h.getall(name, [])) > 1:
                 return _refuse(api, 400, f"more than one {name} header")
         upgrade = h.get("Upgrade", "").lower() == "websocket"
         if path in ("/", "/chat") and not upgrade:
-            return _plain(CHAT_PAGE, "text/html; charset=utf-8")
+            return web.Response(body=CHAT_PAGE.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
         if path == "/debug/state" and self.cfg.debug_state:
-            return _plain(json.dumps(debug_state(self.engine, len(self.sockets))) + "\n", "application/json")
+            return web.json_response(debug_state(self.engine, len(self.sockets)))
         if not self._authorized(request):  # refused before any session exists
             r = _refuse(api, 401, "a valid API key is required")
             r.headers["WWW-Authenticate"] = "Bearer"
@@ -186,13 +186,11 @@ class Server:
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
 
 
-def _plain(body: str, content_type: str) -> web.Response:
-    return web.Response(body=body.encode(), headers={"Content-Type": content_type})
-
-
 def _refuse(api: bool, status: int, message: str) -> web.Response:
     """A refusal before any request exists: OpenAI's error body under /v1/, a plain line elsewhere."""
-    return ApiError(status, message).response() if api else web.Response(status=status, text=message + "\n")
+    if api:
+        return web.json_response({"error": ApiError(status, message).body()}, status=status)
+    return web.Response(status=status, text=message + "\n")
 
 
 def exposed_without_key(cfg: ServerConfig) -> bool:

@@ -206,23 +206,29 @@ def test_broken_sse_client_frees_kv(server: ServerProcess, model: str) -> None:
 @pytest.mark.needs_sampling
 def test_n_and_logprobs(client: openai.OpenAI, model: str) -> None:
     client = client.with_options(timeout=60)  # without the engine's n, the second completion never comes
-    r = client.chat.completions.create(model=model, messages=HI, max_tokens=6, n=2, seed=1)
+    eos = {"ignore_eos": True}
+    r = client.chat.completions.create(model=model, messages=HI, max_tokens=6, n=2, seed=1, extra_body=eos)
     assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 12
+    streamed = list(client.chat.completions.create(model=model, messages=HI, max_tokens=3, n=2, stream=True))
+    assert {ch.choices[0].index for ch in streamed if ch.choices} == {0, 1}
+    assert sum(ch.choices[0].finish_reason is not None for ch in streamed) == 2  # each choice ends once
     g = client.chat.completions.create(model=model, messages=HI, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=5)
+                                       top_logprobs=5, extra_body=eos)
     content = g.choices[0].logprobs.content
-    assert len(content) == 6 and "".join(t.token for t in content) == g.choices[0].message.content
+    assert len(content) == 6
     for t in content:  # greedy: the sampled token is the most likely one
         assert len(t.top_logprobs) == 5 and t.token == t.top_logprobs[0].token
         assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-4) and t.logprob <= 0
-    c = client.completions.create(model=model, prompt="The sea is", max_tokens=4, temperature=0, logprobs=3)
+    c = client.completions.create(model=model, prompt="The sea is", max_tokens=4, temperature=0, logprobs=3,
+                                  extra_body=eos)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == 4 and all(len(x) <= 3 for x in lp.top_logprobs) and lp.text_offset[0] == 0
 
 
 def _tokens(client: openai.OpenAI, model: str, **kw: object) -> list[str]:
+    extra = {"ignore_eos": True, **kw.pop("extra_body", {})}  # type: ignore[dict-item]
     r = client.completions.create(model=model, prompt="The sea is", max_tokens=24, temperature=0, logprobs=0,
-                                  **kw)  # type: ignore[arg-type]
+                                  extra_body=extra, **kw)  # type: ignore[arg-type]
     return r.choices[0].logprobs.tokens
 
 

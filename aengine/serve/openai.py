@@ -317,8 +317,7 @@ class OpenAI:
         running: dict[str, tuple[str | None, Job]] = {}  # response id -> (lane, job)
         seq = itertools.count()
 
-        async def send(e: dict) -> None:
-            await ws.send_frame(msgspec.json.encode(e), WSMsgType.TEXT)
+        send = lambda e: ws.send_frame(msgspec.json.encode(e), WSMsgType.TEXT)
 
         async def fail(e: ApiError, lane: str | None) -> None:  # the SDK reads code/message; OpenAI nests them
             await send({**e.body(), "type": "error", "sequence_number": next(seq), "status": e.status,

@@ -53,8 +53,7 @@ class Server:
         """Every request on the port: one function, so that the order of the checks is plain."""
         path, h = request.path, request.headers
         if path == "/health":
-            ok = self.healthy
-            return web.Response(status=200 if ok else 503, text="ok\n" if ok else "unavailable\n")
+            return web.Response(text="ok\n") if self.healthy else web.Response(status=503, text="unavailable\n")
         if path == "/metrics":
             return web.Response(body=self.metrics.render(self.engine).encode(), headers={"Content-Type": METRICS})
         api = path.startswith("/v1/")
@@ -96,8 +95,7 @@ class Server:
     def _authorized(self, request: web.Request) -> bool:
         if not self.cfg.api_key:
             return True
-        headers = request.headers
-        auth = headers.get("Authorization", "")
+        headers, auth = request.headers, request.headers.get("Authorization", "")
         given = auth[7:] if auth[:7].lower() == "bearer " else ""  # the scheme name is case-insensitive
         # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol
         # "bearer.KEY" next to "aengine" (or, less safely since URLs get logged, ?api_key=KEY).

@@ -12,10 +12,16 @@ Workloads:
 Reports request and token throughput, TTFT, inter-token latency (ITL), time per output token (TPOT)
 and end-to-end latency at p50/p90/p99, and errors by code.
 
+--api openai drives OpenAI's HTTP API instead (aengine's /v1, or vLLM's, SGLang's, any other's:
+the same client and workload for each): the chat workload POSTs /v1/chat/completions, the others
+/v1/completions with token-id prompts (the only way to fix a prompt's length in tokens), streamed,
+with include_usage; ignore_eos is the vLLM/SGLang extension. ITL is then between SSE chunks.
+
   python benchmarks/load.py --url ws://127.0.0.1:8765 --request-rate 4,8,16,inf --plot load.png
   python benchmarks/load.py --spawn "--model benchmarks/configs/qwen3-0.6b --load-format dummy" \
       --concurrency 64 --json out.jsonl
   python benchmarks/load.py --spawn "" --workload chat --num-prompts 4 --turns 3   # embedded model
+  python benchmarks/load.py --api openai --url http://127.0.0.1:8000 --workload chat   # e.g. vLLM
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import math
 import random
 import shlex
@@ -111,6 +118,62 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
 
 # ---- running -----------------------------------------------------------------------------------
 
+class OpenAIClient:
+    """clients.client.Client's interface (generate yields delta and done dicts) over OpenAI's
+    streamed HTTP API, so that the rest of this file drives either protocol unchanged."""
+
+    def __init__(self, base: str, api_key: str | None, model: str | None) -> None:
+        import aiohttp
+
+        self.base, self.model = base, model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None),
+                                          connector=aiohttp.TCPConnector(limit=0))
+
+    @classmethod
+    async def connect(cls, url: str, api_key: str | None = None, model: str | None = None) -> OpenAIClient:
+        base = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).split("?")[0].rstrip("/")
+        c = cls(base.removesuffix("/v1"), api_key, model)
+        if c.model is None:  # the server's one model
+            async with c.http.get(f"{c.base}/v1/models") as r:
+                c.model = (await r.json())["data"][0]["id"]
+        return c
+
+    async def generate(self, *, messages: list[dict[str, str]] | None = None, input_ids: list[int] | None = None,
+                       **sampling: Any) -> Any:
+        path, body = ("chat/completions", {"messages": messages}) if messages is not None else \
+            ("completions", {"prompt": input_ids})
+        body |= {"model": self.model, "stream": True, "stream_options": {"include_usage": True}, **sampling}
+        usage: dict[str, Any] = {}
+        finish = None
+        async with self.http.post(f"{self.base}/v1/{path}", json=body) as r:
+            if r.status != 200:
+                err = (await r.json(content_type=None) or {}).get("error", {})
+                raise ServerError(str(err.get("code") or r.status), err.get("message", ""))
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                m = json.loads(line[6:])
+                if "error" in m:
+                    raise ServerError(str(m["error"].get("code")), m["error"].get("message", ""))
+                usage = m.get("usage") or usage
+                for ch in m.get("choices", []):
+                    text = ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                    if text:  # a chunk stands for one token here; usage has the true count
+                        yield {"type": "delta", "text": text, "token_ids": [0]}
+                    finish = ch.get("finish_reason") or finish
+        yield {"type": "done", "finish_reason": finish, "usage": {
+            "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}}
+
+    async def complete(self, **kw: Any) -> None:
+        async for _ in self.generate(**kw):
+            pass
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
 async def one_request(c: Client, records: list[Record], sampling: dict[str, Any], **prompt: Any) -> str:
     """Send one streamed request, record its timings; returns the generated text."""
     rec = Record(time.perf_counter())
@@ -164,11 +227,15 @@ async def run_job(job: Job, c: Client, records: list[Record], args: argparse.Nam
 
 
 async def run_rate(url: str, jobs: list[Job], rate: float, args: argparse.Namespace) -> dict:
-    clients = [await Client.connect(url, api_key=args.api_key) for _ in range(args.connections)]
+    if args.api == "openai":  # one HTTP connection pool; --connections does not apply
+        clients: list[Any] = [await OpenAIClient.connect(url, args.api_key, args.model)]
+    else:
+        clients = [await Client.connect(url, api_key=args.api_key) for _ in range(args.connections)]
     try:
         for _ in range(args.warmup):  # first-use compiles and allocator growth stay out of the timing
             await clients[0].complete(input_ids=[1, 2, 3, 4, 5, 6, 7, 8], max_tokens=4, ignore_eos=True)
         http = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).split("?")[0].rstrip("/")
+        http = http.removesuffix("/v1")
         before = scrape(http)
         records: list[Record] = []
         sem = asyncio.Semaphore(args.concurrency) if args.concurrency else None
@@ -334,6 +401,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     where.add_argument("--spawn", metavar="ARGS", help='start `python -m aengine ARGS` for the run ("" = embedded)')
     ap.add_argument("--server-log", default=None, help="with --spawn: keep the server's log here")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api", default="aengine", choices=["aengine", "openai"],
+                    help="aengine: WebSocket protocol v1; openai: OpenAI's HTTP API (/v1/...) of any server")
+    ap.add_argument("--model", default=None, help="--api openai: the model name to send (default: the server's)")
     ap.add_argument("--workload", default="random", choices=["random", "shared-prefix", "chat"])
     ap.add_argument("--num-prompts", type=int, default=256, help="requests (chat: conversations)")
     ap.add_argument("--input-len", type=pair, default=(100, 1024),

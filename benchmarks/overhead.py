@@ -8,7 +8,7 @@ decode launches at a steady batch size: schedule + page allocation + build the s
 previous step's ids (append, stop checks, detokenize, emit). docs/benchmarks.md's target: <= 2 ms at batch 256.
 
 Separately, the cost of one WebSocket delta frame: the server's real Session (emit -> msgspec
-encode -> outbox -> writer task -> websockets framing -> socket write) on a loopback connection,
+encode -> outbox -> writer task -> aiohttp framing -> socket write) on a loopback connection,
 read by a client on another thread, so only the server thread's CPU is counted. Target: <= 10 us.
 
   python benchmarks/overhead.py                       # batch 1 8 32 64 128 256
@@ -221,8 +221,8 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 def frame_cost(frames: int, streams: int) -> dict:
     """Server-thread CPU per delta frame through the real Session, `streams` deltas per step on one
-    connection (1: a lone stream, one ws.send per frame; more: the coalesced write of a batch)."""
-    from websockets.asyncio.server import serve
+    connection (1: a lone stream, one writer wake-up per frame; more: one wake-up per batch)."""
+    from aiohttp import web
     from websockets.sync.client import connect
 
     from aengine.config import ServerConfig
@@ -244,10 +244,12 @@ def frame_cost(frames: int, streams: int) -> dict:
     async def main() -> None:
         finished = asyncio.Event()
 
-        async def handler(ws: object) -> None:
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(compress=False, writer_limit=8 * 1024 * 1024)
+            await ws.prepare(request)
             # the real Session with just enough of a Server behind it: config and metrics
             server = SimpleNamespace(engine=None, metrics=Metrics(), cfg=ServerConfig())
-            sess = Session(server, ws, 0)  # type: ignore[arg-type]
+            sess = Session(server, ws, request.transport, 0)  # type: ignore[arg-type]
             try:
                 sts = [Stream(f"r{i}", f"0:r{i}", True, time.monotonic()) for i in range(streams)]
                 c0, w0 = time.thread_time(), time.perf_counter()
@@ -257,22 +259,29 @@ def frame_cost(frames: int, streams: int) -> dict:
                     await asyncio.sleep(0)  # the scheduler yields between steps; the writer runs then
                 await sess.flush(60.0)
                 out["cpu_s"], out["wall_s"] = time.thread_time() - c0, time.perf_counter() - w0
-                await ws.wait_closed()  # type: ignore[attr-defined]
+                async for _ in ws:  # until the client closes
+                    pass
             except BaseException as e:
                 out["error"] = e
                 raise
             finally:
                 sess.close()
                 finished.set()
+            return ws
 
-        async with serve(handler, "127.0.0.1", 0, compression=None, write_limit=8 * 1024 * 1024) as srv:
-            port_box.append(next(iter(srv.sockets)).getsockname()[1])
-            t = threading.Thread(target=client, daemon=True)
-            t.start()
-            ready.set()
-            await finished.wait()
-            if "error" not in out:
-                await asyncio.get_running_loop().run_in_executor(None, t.join)
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port_box.append(runner.addresses[0][1])
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        ready.set()
+        await finished.wait()
+        if "error" not in out:
+            await asyncio.get_running_loop().run_in_executor(None, t.join)
+        await runner.cleanup()
 
     new_loop().run_until_complete(main())
     if "error" in out:

@@ -98,6 +98,15 @@ def test_load_chat(server) -> None:
     check_load([r], 4)  # 2 conversations x 2 turns
 
 
+@pytest.mark.parametrize("workload", ["chat", "random"])
+def test_load_openai_api(server, workload: str) -> None:
+    """--api openai: the same workloads through OpenAI's chat and completions endpoints."""
+    (r,) = run("benchmarks/load.py", "--api", "openai", "--url", server.http, "--workload", workload,
+               "--num-prompts", "3", "--turns", "2", "--input-len", "4,8", "--output-len", "3,5", "--json")
+    check_load([r], 6 if workload == "chat" else 3)
+    assert r["prompt_tokens"] > 0
+
+
 def test_peer_and_compare(tmp_path: Path) -> None:
     figs = tmp_path / "figs.jsonl"
     # 4 prompts at least: offline.py warms up with prompts[:4] and four SamplingParams

@@ -1,6 +1,7 @@
-"""The WebSocket server: one uvloop event loop runs the websockets server and the scheduler
-coroutine. Each connection is a Session that multiplexes requests by the client's id; plain
-HTTP GET /health and /metrics are answered on the same port."""
+"""The server: one uvloop event loop runs aiohttp's HTTP/WebSocket server and the scheduler
+coroutine, on one port. WebSocket protocol v1 (any path) is a Session per connection that
+multiplexes requests by the client's id; OpenAI's HTTP API and Responses WebSocket live under /v1/
+(serve/openai.py); GET /health, /metrics and the chat page at / sit beside them."""
 
 from __future__ import annotations
 
@@ -8,33 +9,27 @@ import asyncio
 import hmac
 import ipaddress
 import itertools
-import json
 import logging
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
-from websockets.typing import Subprotocol
+from aiohttp import WSMsgType, web
 
 from aengine.config import EngineConfig, ServerConfig
 from aengine.engine import AsyncEngine
 from aengine.serve.metrics import Metrics, debug_state
+from aengine.serve.openai import ApiError, OpenAI
 from aengine.serve.protocol import Error, Hello, encode
 from aengine.serve.session import Session
 
 log = logging.getLogger("aengine")
 # The browser chat page, served at GET / (a WebSocket upgrade on / is still the API).
 CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
+METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Server:
@@ -42,69 +37,86 @@ class Server:
         self.engine, self.cfg, self.sock = engine, cfg, sock  # sock: bound already (run_server), else cfg's port
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
+        self.sockets: set[web.WebSocketResponse] = set()  # every open WebSocket, both protocols
         self.draining = False
         self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
         self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok")
         self._numbers = itertools.count()
+        self.openai = OpenAI(self)
 
     @property
     def healthy(self) -> bool:
         return not self.draining and self.engine.healthy
 
-    def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Every request on the port: one function, so that the order of the checks is plain."""
+        path, h = request.path, request.headers
         if path == "/health":
-            ok = self.healthy
-            return conn.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                                "ok\n" if ok else "unavailable\n")
+            return web.Response(text="ok\n") if self.healthy else web.Response(status=503, text="unavailable\n")
         if path == "/metrics":
-            return _respond(conn, HTTPStatus.OK, self.metrics.render(self.engine),
-                            "text/plain; version=0.0.4; charset=utf-8")
+            return web.Response(body=self.metrics.render(self.engine).encode(), headers={"Content-Type": METRICS})
+        api = path.startswith("/v1/")
         for name in ("Authorization", "Upgrade"):  # which one would count? refuse rather than guess
-            if len(request.headers.get_all(name)) > 1:
-                return conn.respond(HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
-        if path in ("/", "/chat") and request.headers.get("Upgrade", "").lower() != "websocket":
-            return _respond(conn, HTTPStatus.OK, CHAT_PAGE, "text/html; charset=utf-8")
+            if len(h.getall(name, [])) > 1:
+                return _refuse(api, 400, f"more than one {name} header")
+        upgrade = h.get("Upgrade", "").lower() == "websocket"
+        if path in ("/", "/chat") and not upgrade:
+            return web.Response(body=CHAT_PAGE.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
         if path == "/debug/state" and self.cfg.debug_state:
-            return _respond(conn, HTTPStatus.OK, json.dumps(debug_state(self.engine, len(self.sessions))) + "\n",
-                            "application/json")
-        if not self._authorized(request.headers, request.path):  # refused before any session exists
-            r = conn.respond(HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")
+            return web.json_response(debug_state(self.engine, len(self.sockets)))
+        if not self._authorized(request):  # refused before any session exists
+            r = _refuse(api, 401, "a valid API key is required")
             r.headers["WWW-Authenticate"] = "Bearer"
             return r
-        return None  # everything else is the WebSocket endpoint
+        if api and not upgrade:
+            return await self.openai.http(request)
+        if not upgrade:
+            return _refuse(api, 426, "this is a WebSocket endpoint (protocol v1): send an Upgrade request")
+        origin = h.get("Origin")  # browsers send one; programs need not, and are let through
+        if self.cfg.allowed_origins and origin is not None and origin not in self.cfg.allowed_origins:
+            return _refuse(api, 403, "this Origin is not allowed")
+        ws = web.WebSocketResponse(protocols=("aengine",), compress=False, max_msg_size=self.cfg.max_frame_bytes,
+                                   heartbeat=20.0, writer_limit=self.cfg.send_buffer_bytes)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            if len(self.sockets) > self.cfg.max_connections:
+                await ws.send_frame(encode(Error(None, "overloaded", "too many connections")), WSMsgType.TEXT)
+                await ws.close(code=1013, message=b"too many connections")
+            elif path == "/v1/responses":
+                await self.openai.responses_ws(ws)
+            else:
+                await self.native(ws, request)
+        finally:
+            self.sockets.discard(ws)
+        return ws
 
-    def _authorized(self, headers: Headers, path: str) -> bool:
+    def _authorized(self, request: web.Request) -> bool:
         if not self.cfg.api_key:
             return True
-        auth = headers.get("Authorization", "")
+        headers, auth = request.headers, request.headers.get("Authorization", "")
         given = auth[7:] if auth[:7].lower() == "bearer " else ""  # the scheme name is case-insensitive
         # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol
         # "bearer.KEY" next to "aengine" (or, less safely since URLs get logged, ?api_key=KEY).
-        for proto in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(","):
+        for proto in ",".join(headers.getall("Sec-WebSocket-Protocol", [])).split(","):
             if proto.strip().startswith("bearer."):
                 given = given or proto.strip()[7:]
-        given = given or parse_qs(urlsplit(path).query).get("api_key", [""])[0]
+        given = given or request.query.get("api_key", "")
         return hmac.compare_digest(given.encode(), self.cfg.api_key.encode())
 
-    async def handler(self, ws: ServerConnection) -> None:
-        if len(self.sessions) >= self.cfg.max_connections:
-            await ws.send(encode(Error(None, "overloaded", "too many connections")), text=True)
-            await ws.close(1013, "too many connections")
-            return
-        sess = Session(self, ws, next(self._numbers))
+    async def native(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        """One connection of protocol v1 (docs/protocol.md)."""
+        sess = Session(self, ws, request.transport, next(self._numbers))  # type: ignore[arg-type]
         self.sessions.add(sess)
         self.metrics.connections += 1
         sess.send(Hello(self.engine.model_name, self.engine.max_model_len))
         try:
-            async for frame in ws:
-                if isinstance(frame, bytes):  # protocol v1 is JSON text frames
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    sess.on_frame(msg.data)
+                elif msg.type is WSMsgType.BINARY:  # protocol v1 is JSON text frames
                     sess.error(None, "invalid_request", "binary frames are not accepted: send JSON text frames")
-                    continue
-                sess.on_frame(frame)
-        except ConnectionClosed:
-            pass
         finally:
             sess.close()
             self.sessions.discard(sess)
@@ -126,23 +138,25 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         await self.engine.start()
-        # Origin is checked for browsers; other clients send none and are let through (None).
-        origins = [*self.cfg.allowed_origins, None] if self.cfg.allowed_origins else None
-        where = dict(sock=self.sock) if self.sock is not None else dict(host=self.cfg.host, port=self.cfg.port)
-        async with serve(self.handler, **where, process_request=self.process_request,
-                         origins=origins, compression=None, max_size=self.cfg.max_frame_bytes,
-                         write_limit=self.cfg.send_buffer_bytes, select_subprotocol=_select_subprotocol) as server:
-            log.info("serving %s on ws://%s:%d", self.engine.model_name, self.cfg.host, self.cfg.port)
-            if exposed_without_key(self.cfg):
-                log.warning("listening on %s without --api-key: anyone who can reach it can use it", self.cfg.host)
-            await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task],
-                               return_when=asyncio.FIRST_COMPLETED)
-            if self.engine.task.done():  # scheduler fault: its state is not trusted, so say so and exit
-                for sess in self.sessions:
-                    sess.error(None, "internal", "the engine failed and cannot continue; the server is exiting")
-            await self._drain()
-            server.close()
-            await asyncio.wait_for(server.wait_closed(), timeout=5)
+        app = web.Application(client_max_size=self.cfg.max_frame_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+        await runner.setup()
+        sock = self.sock or socket.create_server((self.cfg.host, self.cfg.port))
+        await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+        log.info("serving %s on ws://%s:%d (OpenAI API under /v1)", self.engine.model_name, self.cfg.host,
+                 self.cfg.port)
+        if exposed_without_key(self.cfg):
+            log.warning("listening on %s without --api-key: anyone who can reach it can use it", self.cfg.host)
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if self.engine.task.done():  # scheduler fault: its state is not trusted, so say so and exit
+            for sess in self.sessions:
+                sess.error(None, "internal", "the engine failed and cannot continue; the server is exiting")
+        await self._drain()
+        await asyncio.wait_for(asyncio.gather(*(ws.close(code=1001, message=b"going away")
+                                                for ws in list(self.sockets)), return_exceptions=True), 5)
+        await runner.cleanup()
         self.tok_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         log.info("stopped")
@@ -153,7 +167,8 @@ class Server:
         self.draining = True
         deadline = time.monotonic() + self.cfg.drain_seconds
         log.info("draining %d requests", self.engine.stats().requests)
-        while any(s.live for s in self.sessions) and time.monotonic() < deadline and self.cfg.drain_seconds > 0:
+        busy = lambda: any(s.live for s in self.sessions) or self.openai.live
+        while busy() and time.monotonic() < deadline and self.cfg.drain_seconds > 0:
             if self.engine.task.done():
                 break
             await asyncio.sleep(0.05)
@@ -169,17 +184,11 @@ class Server:
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
 
 
-def _respond(conn: ServerConnection, status: HTTPStatus, body: str, content_type: str) -> Response:
-    r = conn.respond(status, body)
-    del r.headers["Content-Type"]  # respond() set text/plain; setting again would add a second header
-    r.headers["Content-Type"] = content_type
-    return r
-
-
-def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    """Select "aengine" when offered: a browser that offers subprotocols (e.g. for its key) fails
-    the handshake unless one is selected; the key itself is never echoed."""
-    return Subprotocol("aengine") if "aengine" in offered else None
+def _refuse(api: bool, status: int, message: str) -> web.Response:
+    """A refusal before any request exists: OpenAI's error body under /v1/, a plain line elsewhere."""
+    if api:
+        return web.json_response({"error": ApiError(status, message).body()}, status=status)
+    return web.Response(status=status, text=message + "\n")
 
 
 def exposed_without_key(cfg: ServerConfig) -> bool:
@@ -194,7 +203,6 @@ def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     """Serve until stopped; returns the exit status. A port that cannot be bound or a model the
     engine refuses is one line on stderr and status 2, and the port comes first: nobody waits for
     a model to load to learn that the port is taken."""
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per /health probe
     try:
         sock = socket.create_server((server_cfg.host, server_cfg.port))
     except OSError as e:

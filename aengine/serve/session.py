@@ -10,9 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from aiohttp import WSMsgType
+from aiohttp.web import WebSocketResponse
 
 from aengine.config import ServerConfig
 from aengine.engine import AsyncEngine
@@ -61,19 +60,26 @@ class Stream:
     cancelled: bool = False
 
 
+def capped_max_tokens(server: Host, max_tokens: int | None, n_prompt: int) -> int | None:
+    """max_tokens under the server's --max-tokens-limit: the default is capped, a larger ask refused."""
+    limit = server.cfg.max_tokens_limit
+    if limit and max_tokens is None:
+        return max(1, min(limit, server.engine.max_model_len - n_prompt))
+    if limit and max_tokens > limit:  # type: ignore[operator]
+        raise ValueError(f"max_tokens ({max_tokens}) is above this server's limit of {limit}")
+    return max_tokens
+
+
 class Session:
-    def __init__(self, server: Host, ws: ServerConnection, no: int) -> None:
-        self.server, self.engine, self.ws, self.no = server, server.engine, ws, no
+    def __init__(self, server: Host, ws: WebSocketResponse, transport: asyncio.Transport, no: int) -> None:
+        self.server, self.engine, self.ws, self.transport, self.no = server, server.engine, ws, transport, no
         self.live: dict[str, Stream] = {}
         self.tasks: set[asyncio.Task] = set()
-        # Frames are queued by the scheduler's emit callbacks and written once per loop turn, so a
-        # step that produces deltas for many streams of this connection goes out in one write. The
-        # write is a plain callback (no task switch per frame); only when the socket pushes back
-        # does the writer task take over, to await websockets' drain.
+        # Frames are queued by the scheduler's emit callbacks and written by one writer task that
+        # wakes once per loop turn, so a step that produces deltas for many streams of this
+        # connection costs one task switch, and uvloop turns the frames into one socket write.
         self.outbox: list[bytes] = []
         self.queued = 0  # bytes in outbox
-        self.flush_pending = False
-        self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop())
@@ -85,11 +91,9 @@ class Session:
         frame = encode(msg)
         self.outbox.append(frame)
         self.queued += len(frame)
-        if not self.flush_pending:
-            self.flush_pending = True
-            self.loop.call_soon(self._flush)
+        self.wake.set()
         try:
-            buffered = self.ws.transport.get_write_buffer_size()
+            buffered = self.transport.get_write_buffer_size()
         except Exception:  # a transport closing under us: this runs in the scheduler's emit, never raise
             buffered = 0
         if self.queued + buffered > self.server.cfg.send_buffer_bytes:
@@ -102,52 +106,28 @@ class Session:
         self.server.metrics.slow_closes += 1
         self.close()
         self.outbox, self.queued = [], 0
-        ws = self.ws
-        try:  # the close frame goes behind what is buffered; a client that never reads won't see it
-            ws.protocol.send_close(1008, "client too slow: send buffer full")
-            ws.send_data()
-        except Exception:
-            pass
-        asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
+        # the close frame goes behind what is buffered; a client that never reads won't see it
+        task = asyncio.ensure_future(self.ws.close(code=1008, message=b"client too slow: send buffer full"))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
     def error(self, id: str | None, code: str, message: str) -> None:
         self.send(Error(id, code, message))  # type: ignore[arg-type]
-
-    def _flush(self) -> None:
-        self.flush_pending = False
-        ws = self.ws
-        if not self.outbox or self.closed:
-            return
-        if ws.paused or self.wake.is_set() or ws.protocol.state is not State.OPEN:
-            self.wake.set()  # the writer awaits the drain (or sees the close), keeping the order
-            return
-        try:
-            self._put()
-        except Exception as e:  # the connection broke between the check and the write: it is closing
-            log.debug("connection %d: write failed: %s", self.no, e)
-
-    def _put(self) -> None:
-        """Everything queued, in one socket write."""
-        frames, self.outbox, self.queued = self.outbox, [], 0
-        for f in frames:
-            self.ws.protocol.send_text(f)
-        self.ws.transport.write(b"".join(self.ws.protocol.data_to_send()))
 
     async def _write_loop(self) -> None:
         try:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
-                if self.outbox:
-                    async with self.ws.send_context():  # checks the state; drains after the write
-                        self._put()
-        except ConnectionClosed:
-            pass
+                frames, self.outbox, self.queued = self.outbox, [], 0
+                for f in frames:  # awaits only when the socket pushes back (aiohttp's drain)
+                    await self.ws.send_frame(f, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError) as e:  # the connection closed under us
+            log.debug("connection %d: write failed: %s", self.no, e)
 
     async def flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while (self.outbox or self.wake.is_set() or self.flush_pending) and not self.writer.done() \
-                and time.monotonic() < deadline:
+        while (self.outbox or self.wake.is_set()) and not self.writer.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     # ---- receiving -------------------------------------------------------------------------
@@ -214,15 +194,10 @@ class Session:
             self.server.tokenizing -= 1
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
-        max_tokens, limit = g.max_tokens, self.server.cfg.max_tokens_limit
-        if limit:
-            if max_tokens is None:
-                max_tokens = max(1, min(limit, self.engine.max_model_len - n_prompt))
-            elif max_tokens > limit:
-                raise ValueError(f"max_tokens ({max_tokens}) is above this server's limit of {limit}")
-        return SamplingParams(max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                              min_p=g.min_p, seed=g.seed, stop=g.stop, stop_token_ids=g.stop_token_ids,
-                              ignore_eos=g.ignore_eos, n=g.n, logprobs=g.logprobs, presence_penalty=g.presence_penalty,
+        return SamplingParams(max_tokens=capped_max_tokens(self.server, g.max_tokens, n_prompt),
+                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, seed=g.seed,
+                              stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, n=g.n,
+                              logprobs=g.logprobs, presence_penalty=g.presence_penalty,
                               frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
                               logit_bias=g.logit_bias, min_tokens=g.min_tokens)
 

@@ -45,6 +45,7 @@ class Server:
         self.draining = False
         self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
+        self.tokenizing_bytes = 0  # their generate frames' bytes
         self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok")
         self._numbers = itertools.count()
 
@@ -67,8 +68,9 @@ class Server:
         if path in ("/", "/chat") and request.headers.get("Upgrade", "").lower() != "websocket":
             return _respond(conn, HTTPStatus.OK, CHAT_PAGE, "text/html; charset=utf-8")
         if path == "/debug/state" and self.cfg.debug_state:
-            return _respond(conn, HTTPStatus.OK, json.dumps(debug_state(self.engine, len(self.sessions))) + "\n",
-                            "application/json")
+            state = debug_state(self.engine, len(self.sessions)) | {"tokenizing": self.tokenizing,
+                                                                    "tokenizing_bytes": self.tokenizing_bytes}
+            return _respond(conn, HTTPStatus.OK, json.dumps(state) + "\n", "application/json")
         if not self._authorized(request.headers, request.path):  # refused before any session exists
             r = conn.respond(HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")
             r.headers["WWW-Authenticate"] = "Bearer"

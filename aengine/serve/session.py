@@ -43,6 +43,7 @@ class Host(Protocol):
     metrics: Metrics
     draining: bool  # refusing new requests
     tokenizing: int  # requests between their generate frame and the scheduler's queue
+    tokenizing_bytes: int  # their generate frames' bytes
     tok_pool: ThreadPoolExecutor
 
 
@@ -75,6 +76,7 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.closed = False
+        self.tokenizing_bytes = 0  # this connection's share of server.tokenizing_bytes
         self.writer = asyncio.create_task(self._write_loop())
 
     # ---- sending ---------------------------------------------------------------------------
@@ -168,13 +170,23 @@ class Session:
                                              f"live requests per connection")
         elif self.engine.stats().waiting + self.server.tokenizing >= self.server.cfg.max_waiting_requests:
             self.error(msg.id, "overloaded", "too many requests are waiting; retry later")
+        elif self.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes_per_connection or \
+                self.server.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes:
+            self.error(msg.id, "overloaded", "too many prompt bytes are waiting to be tokenized; retry later")
         else:
             st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic())
             self.live[msg.id] = st
-            self.server.tokenizing += 1  # not yet in the scheduler's queue, but it will be
+            self._hold(len(frame))  # not yet in the scheduler's queue, but it will be
             task = asyncio.create_task(self._start(st, msg))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            # a done callback, not a finally: a task cancelled before it starts never runs its body
+            task.add_done_callback(lambda t, n=len(frame): (self.tasks.discard(t), self._hold(-n)))
+
+    def _hold(self, n: int) -> None:
+        """Count a request and its frame's bytes from its generate frame until it is queued or refused."""
+        self.server.tokenizing += 1 if n > 0 else -1
+        self.server.tokenizing_bytes += n
+        self.tokenizing_bytes += n
 
     def cancel(self, id: str) -> None:
         st = self.live.get(id)
@@ -209,8 +221,6 @@ class Session:
         except Exception as e:
             log.exception("request %s failed", st.rid)
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
-        finally:
-            self.server.tokenizing -= 1
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
         max_tokens, limit = g.max_tokens, self.server.cfg.max_tokens_limit

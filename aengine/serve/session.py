@@ -4,6 +4,7 @@ path that coalesces their frames."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,9 @@ from aengine.serve.protocol import (
 from aengine.types import EngineError, RequestDelta, SamplingParams
 
 log = logging.getLogger("aengine")
+# glibc keeps what the tokenizer threads freed in their arenas (+470 MiB RSS after a burst of big
+# prompts, benchmarks/rss_burst.py); malloc_trim gives it back
+_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 class Host(Protocol):
@@ -187,6 +191,8 @@ class Session:
         self.server.tokenizing += 1 if n > 0 else -1
         self.server.tokenizing_bytes += n
         self.tokenizing_bytes += n
+        if n <= -(1 << 18) and not self.server.tokenizing and not self.server.draining and _TRIM is not None:
+            self.server.tok_pool.submit(_TRIM, 0)  # a big prompt left and the tokenizer is idle
 
     def cancel(self, id: str) -> None:
         st = self.live.get(id)

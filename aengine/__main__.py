@@ -57,8 +57,7 @@ HELP = {
     "max_requests_per_connection": "most live requests on one connection",
     "max_connections": "most open WebSocket connections",
     "max_waiting_requests": "queue length at which new requests are refused with overloaded",
-    "max_waiting_bytes": "bytes of generate frames being tokenized (not yet queued) at which new requests are "
-                         "refused with overloaded",
+    "max_waiting_bytes": "bytes of generate frames not yet queued (being tokenized) past which requests get overloaded",
     "max_waiting_bytes_per_connection": "the same budget for one connection",
     "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
     "send_buffer_bytes": "unsent bytes a connection may hold; past it its requests are aborted and it is closed",

@@ -31,11 +31,11 @@ from aengine.serve.protocol import (
     decode,
     encode,
 )
-from aengine.types import EngineError, RequestDelta, SamplingParams
+from aengine.tokenizer import StopMatcher
+from aengine.types import MAX_STOPS, EngineError, RequestDelta, SamplingParams
 
 log = logging.getLogger("aengine")
-# glibc keeps what the tokenizer threads freed in their arenas (+470 MiB RSS after a burst of big
-# prompts, benchmarks/rss_burst.py); malloc_trim gives it back
+# glibc keeps what tokenizer threads freed (+470 MiB RSS after big prompts, benchmarks/rss_burst.py)
 _TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
@@ -209,8 +209,7 @@ class Session:
             self.engine.check_size(g.prompt, msgs, g.input_ids)  # a hopeless prompt never waits for a thread
             # The tokenizer (a chat template, a long prompt) may take a while: off the loop. Several
             # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self.server.tok_pool, self.engine.encode, g.prompt, msgs, g.input_ids)
+            ids = await asyncio.get_running_loop().run_in_executor(self.server.tok_pool, self._encode, g, msgs)
             if st.cancelled or self.closed:
                 self.live.pop(st.id, None)
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
@@ -227,6 +226,10 @@ class Session:
         except Exception as e:
             log.exception("request %s failed", st.rid)
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
+
+    def _encode(self, g: Generate, msgs: list[dict] | None) -> list[int]:  # on a tokenizer thread
+        StopMatcher(([g.stop] if isinstance(g.stop, str) else g.stop or [])[:MAX_STOPS])  # caches its tables
+        return self.engine.encode(g.prompt, msgs, g.input_ids)
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
         max_tokens, limit = g.max_tokens, self.server.cfg.max_tokens_limit

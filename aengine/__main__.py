@@ -106,8 +106,8 @@ RANGES = {"port": (0, 65535), "tp": (1, None), "nnodes": (1, None), "node_rank":
           "max_running_requests": (1, None), "max_prefill_tokens": (1, None), "max_prefill_tokens_decoding": (0, None),
           "max_model_len": (0, None), "cuda_graph_max_bs": (0, None), "max_frame_bytes": (1, None),
           "max_requests_per_connection": (1, None), "max_connections": (1, None), "max_waiting_requests": (1, None),
-          "max_waiting_bytes": (1, None), "max_waiting_bytes_per_connection": (1, None),
-          "max_tokens_limit": (0, None), "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
+          "max_waiting_bytes": (1, None), "max_waiting_bytes_per_connection": (1, None), "max_tokens_limit": (0, None),
+          "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
 ATTN = {"torch", "fi", "fa"}
 
 

@@ -83,8 +83,7 @@ class StopMatcher:
         return max(self.state, default=0)
 
 
-# filled on a tokenizer thread (serve/session.py): 0.3 s of loop for 256 requests' stops; never changed
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)  # filled on a tokenizer thread (serve/session.py); shared, never changed
 def _failure(s: str) -> list[int]:
     """KMP: for each prefix of s, the length of its longest proper prefix that is also its suffix."""
     f, k = [0] * len(s), 0

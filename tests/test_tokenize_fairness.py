@@ -70,6 +70,6 @@ def test_waiting_bytes_are_bounded_per_connection_and_server_wide() -> None:
                          "b0": "context_length_exceeded", "b1": "overloaded"}, codes
         assert all("bytes" in m["message"] for m in got_a + got_b if m["code"] == "overloaded")
         deadline = time.monotonic() + 30
-        while (st := state())["tokenizing"] and time.monotonic() < deadline:
+        while (st := state())["tokenizing_bytes"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert st["tokenizing"] == st["tokenizing_bytes"] == 0 and st["requests"] == 0, st
+        assert st["tokenizing_bytes"] == 0 and st["requests"] == 0, st

@@ -10,6 +10,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -46,7 +47,8 @@ class Server:
         self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
         self.tokenizing_bytes = 0  # their generate frames' bytes
-        self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok")
+        # niced (per thread on Linux): with more tokenizer threads than cores the loop still gets a core at once
+        self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok", initializer=os.nice, initargs=(10,))
         self._numbers = itertools.count()
 
     @property
@@ -68,8 +70,7 @@ class Server:
         if path in ("/", "/chat") and request.headers.get("Upgrade", "").lower() != "websocket":
             return _respond(conn, HTTPStatus.OK, CHAT_PAGE, "text/html; charset=utf-8")
         if path == "/debug/state" and self.cfg.debug_state:
-            state = debug_state(self.engine, len(self.sessions)) | {"tokenizing": self.tokenizing,
-                                                                    "tokenizing_bytes": self.tokenizing_bytes}
+            state = debug_state(self.engine, len(self.sessions)) | {"tokenizing_bytes": self.tokenizing_bytes}
             return _respond(conn, HTTPStatus.OK, json.dumps(state) + "\n", "application/json")
         if not self._authorized(request.headers, request.path):  # refused before any session exists
             r = conn.respond(HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")

@@ -228,7 +228,7 @@ class Session:
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
 
     def _encode(self, g: Generate, msgs: list[dict] | None) -> list[int]:  # on a tokenizer thread
-        StopMatcher(([g.stop] if isinstance(g.stop, str) else g.stop or [])[:MAX_STOPS])  # caches its tables
+        StopMatcher(([g.stop] if isinstance(g.stop, str) else g.stop or [])[:MAX_STOPS])  # tables cached, off the loop
         return self.engine.encode(g.prompt, msgs, g.input_ids)
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:

@@ -57,6 +57,8 @@ HELP = {
     "max_requests_per_connection": "most live requests on one connection",
     "max_connections": "most open WebSocket connections",
     "max_waiting_requests": "queue length at which new requests are refused with overloaded",
+    "max_waiting_bytes": "bytes of generate frames not yet queued (being tokenized) past which requests get overloaded",
+    "max_waiting_bytes_per_connection": "the same budget for one connection",
     "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
     "send_buffer_bytes": "unsent bytes a connection may hold; past it its requests are aborted and it is closed",
     "debug_state": "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)",
@@ -104,7 +106,8 @@ RANGES = {"port": (0, 65535), "tp": (1, None), "nnodes": (1, None), "node_rank":
           "max_running_requests": (1, None), "max_prefill_tokens": (1, None), "max_prefill_tokens_decoding": (0, None),
           "max_model_len": (0, None), "cuda_graph_max_bs": (0, None), "max_frame_bytes": (1, None),
           "max_requests_per_connection": (1, None), "max_connections": (1, None), "max_waiting_requests": (1, None),
-          "max_tokens_limit": (0, None), "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
+          "max_waiting_bytes": (1, None), "max_waiting_bytes_per_connection": (1, None), "max_tokens_limit": (0, None),
+          "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
 ATTN = {"torch", "fi", "fa"}
 
 

@@ -51,6 +51,8 @@ class ServerConfig:
     max_requests_per_connection: int = 256
     max_connections: int = 1024
     max_waiting_requests: int = 4096
+    max_waiting_bytes: int = 256 * 1024 * 1024  # generate frames not yet in the scheduler's queue
+    max_waiting_bytes_per_connection: int = 32 * 1024 * 1024
     max_tokens_limit: int = 0  # 0: up to the context length
     send_buffer_bytes: int = 8 * 1024 * 1024
     drain_seconds: float = 5.0

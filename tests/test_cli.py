@@ -20,6 +20,8 @@ BAD = [
     (["--model", "/nonexistent"], "argument --model: '/nonexistent' does not exist"),
     (["--max-prefill-tokens", "0"], "argument --max-prefill-tokens: 0 is outside"),
     (["--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: 1.5 is outside"),
+    (["--max-waiting-bytes", "0"], "argument --max-waiting-bytes: 0 is outside"),
+    (["--max-waiting-bytes-per-connection", "-1"], "argument --max-waiting-bytes-per-connection: -1 is outside"),
     (["--kv-cache-dtype", "int4"], "argument --kv-cache-dtype: invalid choice"),
     (["--tp", "2"], "--tp 2 does not divide the model's 9 attention heads"),  # the embedded model: 9 heads
 ]

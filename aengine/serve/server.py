@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -41,7 +42,9 @@ class Server:
         self.draining = False
         self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
-        self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok")
+        self.tokenizing_bytes = 0  # their generate frames' bytes
+        # niced (per thread on Linux): with more tokenizer threads than cores the loop still gets a core at once
+        self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok", initializer=os.nice, initargs=(10,))
         self._numbers = itertools.count()
         self.openai = OpenAI(self)
 
@@ -64,7 +67,8 @@ class Server:
         if path in ("/", "/chat") and not upgrade:
             return web.Response(body=CHAT_PAGE.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
         if path == "/debug/state" and self.cfg.debug_state:
-            return web.json_response(debug_state(self.engine, len(self.sockets)))
+            state = debug_state(self.engine, len(self.sockets)) | {"tokenizing_bytes": self.tokenizing_bytes}
+            return web.json_response(state)
         if not self._authorized(request):  # refused before any session exists
             r = _refuse(api, 401, "a valid API key is required")
             r.headers["WWW-Authenticate"] = "Bearer"

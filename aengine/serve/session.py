@@ -4,6 +4,7 @@ path that coalesces their frames."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +30,12 @@ from aengine.serve.protocol import (
     decode,
     encode,
 )
-from aengine.types import EngineError, RequestDelta, SamplingParams
+from aengine.tokenizer import StopMatcher
+from aengine.types import MAX_STOPS, EngineError, RequestDelta, SamplingParams
 
 log = logging.getLogger("aengine")
+# glibc keeps what tokenizer threads freed (+470 MiB RSS after big prompts, benchmarks/rss_burst.py)
+_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 class Host(Protocol):
@@ -42,6 +46,7 @@ class Host(Protocol):
     metrics: Metrics
     draining: bool  # refusing new requests
     tokenizing: int  # requests between their generate frame and the scheduler's queue
+    tokenizing_bytes: int  # their generate frames' bytes
     tok_pool: ThreadPoolExecutor
 
 
@@ -82,6 +87,7 @@ class Session:
         self.queued = 0  # bytes in outbox
         self.wake = asyncio.Event()
         self.closed = False
+        self.tokenizing_bytes = 0  # this connection's share of server.tokenizing_bytes
         self.writer = asyncio.create_task(self._write_loop())
 
     # ---- sending ---------------------------------------------------------------------------
@@ -149,13 +155,25 @@ class Session:
                                              f"live requests per connection")
         elif self.engine.stats().waiting + self.server.tokenizing >= self.server.cfg.max_waiting_requests:
             self.error(msg.id, "overloaded", "too many requests are waiting; retry later")
+        elif self.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes_per_connection or \
+                self.server.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes:
+            self.error(msg.id, "overloaded", "too many prompt bytes are waiting to be tokenized; retry later")
         else:
             st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n)
             self.live[msg.id] = st
-            self.server.tokenizing += 1  # not yet in the scheduler's queue, but it will be
+            self._hold(len(frame))  # not yet in the scheduler's queue, but it will be
             task = asyncio.create_task(self._start(st, msg))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            # a done callback, not a finally: a task cancelled before it starts never runs its body
+            task.add_done_callback(lambda t, n=len(frame): (self.tasks.discard(t), self._hold(-n)))
+
+    def _hold(self, n: int) -> None:
+        """Count a request and its frame's bytes from its generate frame until it is queued or refused."""
+        self.server.tokenizing += 1 if n > 0 else -1
+        self.server.tokenizing_bytes += n
+        self.tokenizing_bytes += n
+        if n <= -(1 << 18) and not self.server.tokenizing and not self.server.draining and _TRIM is not None:
+            self.server.tok_pool.submit(_TRIM, 0)  # a big prompt left and the tokenizer is idle
 
     def cancel(self, id: str) -> None:
         st = self.live.get(id)
@@ -172,8 +190,7 @@ class Session:
             self.engine.check_size(g.prompt, msgs, g.input_ids)  # a hopeless prompt never waits for a thread
             # The tokenizer (a chat template, a long prompt) may take a while: off the loop. Several
             # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self.server.tok_pool, self.engine.encode, g.prompt, msgs, g.input_ids)
+            ids = await asyncio.get_running_loop().run_in_executor(self.server.tok_pool, self._encode, g, msgs)
             if st.cancelled or self.closed:
                 self.live.pop(st.id, None)
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
@@ -190,8 +207,10 @@ class Session:
         except Exception as e:
             log.exception("request %s failed", st.rid)
             self._fail(st, "internal", f"{type(e).__name__}: {e}")
-        finally:
-            self.server.tokenizing -= 1
+
+    def _encode(self, g: Generate, msgs: list[dict] | None) -> list[int]:  # on a tokenizer thread
+        StopMatcher(([g.stop] if isinstance(g.stop, str) else g.stop or [])[:MAX_STOPS])  # tables cached, off the loop
+        return self.engine.encode(g.prompt, msgs, g.input_ids)
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
         return SamplingParams(max_tokens=capped_max_tokens(self.server, g.max_tokens, n_prompt),

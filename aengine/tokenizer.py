@@ -18,7 +18,13 @@ class Tokenizer:
         # A local directory: never ask the hub (offline machines would wait on its timeouts).
         cls = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else AutoTokenizer
         self.hf = cls.from_pretrained(str(path), local_files_only=True)
-        self.eos_ids = _eos_ids(path, self.hf)
+        self.eos_ids: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            if (f := path / name).exists():
+                e = json.loads(f.read_text()).get("eos_token_id")
+                self.eos_ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+        if getattr(self.hf, "eos_token_id", None) is not None:
+            self.eos_ids.add(self.hf.eos_token_id)
         # the most UTF-8 bytes one token can stand for (its vocabulary string's bytes bound them
         # from above): text longer than this times a context cannot fit it, whatever its tokens
         self.max_token_bytes = max((len(t.encode()) for t in self.hf.get_vocab()), default=1)
@@ -36,23 +42,9 @@ class Tokenizer:
         return Detokenizer(self, stop)
 
 
-def _eos_ids(path: Path, hf: object) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        f = path / name
-        if f.exists():
-            e = json.loads(f.read_text()).get("eos_token_id")
-            ids.update(e if isinstance(e, list) else [e] if e is not None else [])
-    if getattr(hf, "eos_token_id", None) is not None:
-        ids.add(hf.eos_token_id)
-    return ids
-
-
 class StopMatcher:
-    """Stop strings found in text that arrives piece by piece. Per stop string it keeps the length
-    of the longest prefix of it that the text ends with (a KMP automaton), so each new character
-    costs amortised O(1) per stop string, however long the strings and the text are, and the text
-    that might start a stop string (what must be held back) is a max over those lengths."""
+    """Stop strings in text that arrives piece by piece: per stop string, a KMP automaton's state (the
+    longest prefix of it the text ends with), so a character costs O(1) per stop (docs/reliability.md)."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]

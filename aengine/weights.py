@@ -150,10 +150,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random full-size tensors under the checkpoint's own names (read off transformers' model on
-    the meta device), each seeded by its name: every rank draws the same model and keeps its shard,
-    so tp=N serves exactly the weights of tp=1. Uniform in [-1e-3, 1e-3], as vLLM's and SGLang's dummy
-    weights are: activations stay small and finite in bf16 at any depth."""
+    """Random full-size tensors under the checkpoint's names (off transformers' model on the meta device),
+    seeded per name so that every tp draws the same model; in +-1e-3, as vLLM's (why: docs/tp.md)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -167,10 +165,8 @@ def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple
 
 
 def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:
-    if load_format == "dummy":
-        model.load_weights(dummy_weights(path, seed, next(model.parameters()).device))
-    else:
-        model.load_weights(iter_safetensors(path))
+    device = next(model.parameters()).device
+    model.load_weights(dummy_weights(path, seed, device) if load_format == "dummy" else iter_safetensors(path))
 
 
 def load_hf_config(path: Path) -> object:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from aengine.attention.base import AttentionBackend, ForwardBatch
+from aengine.attention.base import FP8_REFUSED, AttentionBackend, ForwardBatch
 from aengine.cache.pool import KVPool
-
-# flash-attn reads FP8 K/V only with FP8 queries (FA3's descale path), not bf16 q over an FP8 cache
-FP8_REFUSED = ("--kv-cache-dtype fp8_e4m3 needs --attn fi or torch: the fa (flash-attn) backend cannot "
-               "read an FP8 KV cache")
 
 
 class FlashAttnBackend(AttentionBackend):

@@ -1,22 +1,7 @@
 """FlashInfer paged attention: one prefill and one decode wrapper, planned once per step and
-shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers.
-
-The pool's per-layer [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD"
-paged layout as they are, so the kernels read our pages directly.
-
-FP8 KV (--kv-cache-dtype fp8_e4m3): both wrappers are planned with q_data_type = the model dtype
-and kv_data_type = float8_e4m3fn, so the kernels read FP8 pages and upcast them in shared memory
-(decode: the CUDA-core kernel, or the tensor-core one, which is the fa2 prefill kernel; prefill:
-fa2, which takes bf16 q over FP8 KV; the sm90 fa3 kernel wants FP8 q as well). run() takes the
-layer's k_scale and v_scale as Python floats: k_scale is folded into the softmax scale, and a
-v_scale other than 1.0 costs one in-place multiply of the output.
-
-On Hopper with FP8 KV and pages of 16..128 tokens, decode runs flashinfer's XQA kernel instead
-(TensorRT-LLM's; it reads FP8 pages on tensor cores, quantizing q to FP8): the CUDA-core kernel
-takes as long over FP8 pages as over bf16 ones, so FP8 would halve the bytes but not the time
-(benchmarks/attn_bench.py --kv-dtype fp8). XQA needs no plan: it reads a block table
-[batch, pages] (the page table's rows for the batch, gathered on the device inside the step) and
-the lengths."""
+shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers. The
+pool's [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD" layout as they are.
+FP8 KV, and XQA decode on Hopper: docs/gpu.md."""
 
 from __future__ import annotations
 

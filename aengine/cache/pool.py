@@ -1,11 +1,6 @@
-"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim].
-
-In the model dtype, or as float8_e4m3fn (`--kv-cache-dtype fp8_e4m3`): half the bytes per token,
-so the same memory holds twice the tokens. FP8 K/V carry one scale per layer for K and one for V
-(stored = k / k_scale, read = stored * k_scale): per layer because that is what checkpoints ship
-(`k_scale`/`v_scale`, one number per attention layer) and what flashinfer's kernels take (a
-scalar folded into the softmax scale, and one product on the output), so a finer grain would
-buy nothing the kernels can use. Without checkpoint scales every scale is 1.0 (see docs/gpu.md)."""
+"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim], in the
+model dtype or float8_e4m3fn with one k_scale and one v_scale per layer (why: docs/gpu.md, FP8 KV
+cache); without checkpoint scales every scale is 1.0."""
 
 from __future__ import annotations
 
@@ -18,11 +13,9 @@ KV_DTYPES = {"fp8_e4m3": FP8, "fp8": FP8}
 
 def kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The pool's dtype for --kv-cache-dtype NAME."""
-    if name == "auto":
-        return model_dtype
-    if name not in KV_DTYPES:
+    if name not in ("auto", *KV_DTYPES):
         raise ValueError(f"unknown --kv-cache-dtype {name!r} (auto, fp8_e4m3)")
-    return KV_DTYPES[name]
+    return KV_DTYPES.get(name, model_dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

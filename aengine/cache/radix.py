@@ -28,10 +28,6 @@ class RadixCache:
         self.locked_pages = 0
         self.evicted_pages = 0
 
-    @property
-    def total_pages(self) -> int:
-        return self.evictable_pages + self.locked_pages
-
     def _common(self, key: list[int], tokens: list[int], start: int) -> int:
         """Length of the page-aligned common prefix of key and tokens[start:]. Slices are compared
         a chunk at a time (in C): a per-token loop cost ~0.5 ms per 2k-token prompt at page 1."""

@@ -1,4 +1,5 @@
-"""flashinfer's fused kernels for the CUDA path, or None so that callers fall back to torch.
+"""flashinfer's fused kernels for the CUDA path, or None so that callers fall back to torch; and
+SiLU-and-mul, which is one of them or its torch form.
 
 Half-precision CUDA tensors only: the fp32 path stays plain torch, bit for bit the reference.
 AENGINE_NO_FUSED=1 turns them off (to measure what they buy, or to rule them out)."""
@@ -9,6 +10,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 _fi: ModuleType | bool | None = None
 
@@ -30,3 +32,12 @@ def fused(x: torch.Tensor) -> ModuleType | None:
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     return flashinfer()
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated activation of Llama/Qwen MLPs on a fused gate_up projection."""
+    fi = fused(x)
+    if fi is not None:
+        return fi.activation.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

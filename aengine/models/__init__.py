@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from aengine.models.llama import LlamaForCausalLM
-from aengine.models.qwen2 import Qwen2ForCausalLM
-from aengine.models.qwen3 import Qwen3ForCausalLM
+from aengine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

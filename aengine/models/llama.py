@@ -12,8 +12,8 @@ from torch import nn
 
 from aengine.attention import current
 from aengine.distributed import tp
-from aengine.layers.activation import silu_and_mul
 from aengine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from aengine.layers.fused import silu_and_mul
 from aengine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from aengine.layers.moe import MoE
 from aengine.layers.norm import RMSNorm
@@ -52,10 +52,8 @@ class Attention(nn.Module):
                                     inv_scale=pool.inv_scales[self.layer] if pool.fp8 else None)
             o = backend.attend(q, self.layer)
         else:
-            q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
-            q = q.view(-1, self.n_local, self.head_dim)
-            k = k.view(-1, self.n_kv_local, self.head_dim)
-            v = v.view(-1, self.n_kv_local, self.head_dim)
+            q, k, v = (t.view(-1, n, self.head_dim) for t, n in zip(qkv.split(self.qkv_proj.out_sizes, dim=-1),
+                                                                    (self.n_local, self.n_kv_local, self.n_kv_local)))
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
@@ -85,9 +83,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -119,9 +116,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
@@ -178,3 +173,11 @@ class LlamaForCausalLM(nn.Module):
         if kind in ("v_scale", "kv_scale"):
             attn.v_scale = s
         self.kv_scales_loaded += 1
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):  # Qwen2 / Qwen2.5: a bias on the q, k and v projections
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):  # Qwen3: RMSNorm on each head of q and k before rotary
+    qk_norm = True

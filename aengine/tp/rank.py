@@ -1,9 +1,5 @@
 """One tensor-parallel rank: the rendezvous, the process groups, the wire format of a step, the
-loop of ranks > 0, and leaving NCCL without hanging.
-
-The server process is global rank 0: it owns the scheduler and sends every StepInput to the
-other ranks over a gloo group before running it. Ranks 1..N-1 run the same forward; all ranks
-meet in the model's all-reduce / all-gather over the TP group (NCCL on CUDA, gloo on CPU)."""
+loop of ranks > 0, and leaving NCCL without hanging (docs/tp.md)."""
 
 from __future__ import annotations
 
@@ -108,11 +104,8 @@ class Rank:
 
 
 def end_groups(runner: ModelRunner, sync: bool = True, abort: bool = True, wait_s: float = 10.0) -> None:
-    """Leave the process groups. gloo's destroy never waits. For NCCL the CUDA graphs go first (an
-    abort with graphs alive never returned, on H100s); the abort then runs in a daemon thread that
-    is left behind if NCCL blocks anyway. A rank about to exit skips the abort (abort=False):
-    process exit releases NCCL without waiting on peers. No sync after a fault: kernels waiting on
-    a dead peer would never finish."""
+    """Leave the process groups; NCCL: CUDA graphs first, then the abort in a daemon thread, none when
+    about to exit (abort=False) and no sync after a fault (sync=False); why: docs/tp.md, NCCL teardown."""
     if dist.get_backend() != "nccl":
         dist.destroy_process_group()
         return
@@ -150,24 +143,19 @@ def _rendezvous(init_method: str, rank: int, world: int, procs: list[Any] | tupl
     return store
 
 
-def _watch_parent() -> None:
-    """A spawned rank dies with its parent, even when a collective would hang (NCCL)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            threading.Event().wait(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="aengine-parent-watch").start()
-
-
 def rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
                init_method: str) -> None:
     """Entry point of a spawned rank."""
     # Ctrl-C reaches the whole process group; rank 0 drains on it and then stops the ranks itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent()
+    parent = os.getppid()
+
+    def watch() -> None:  # a spawned rank dies with its parent, even when a collective would hang (NCCL)
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="aengine-parent-watch").start()
     if torch.cuda.device_count() == 0:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp // cfg.nnodes)))
     try:

@@ -100,22 +100,18 @@ class Detokenizer:
 
     def add(self, token_id: int) -> bool:
         """Feed one token; True when a stop string was found (the text is cut before it)."""
-        piece = self.stream.step(self.backend, token_id)
-        if not piece:
+        if not (piece := self.stream.step(self.backend, token_id)):
             return False
         self.text += piece
         if self.stops is not None and (cut := self.stops.feed(piece)) >= 0:
-            self.text = self.text[:cut]
-            self.stops = None
+            self.text, self.stops = self.text[:cut], None
             return True
         return False
 
     def delta(self, final: bool) -> str:
         """New text safe to send: all of it when final, else all but a possible stop prefix."""
-        end = len(self.text)
-        if not final and self.stops is not None:
-            end -= self.stops.partial
-        end = max(end, self.sent)
+        held = self.stops.partial if not final and self.stops is not None else 0
+        end = max(len(self.text) - held, self.sent)
         out = self.text[self.sent : end]
         self.sent = end
         return out

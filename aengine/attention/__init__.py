@@ -15,18 +15,14 @@ def check_kv_dtype(names: tuple[str, ...], dtype: torch.dtype) -> None:
 
 def create_backend(name: str, **kw: object) -> AttentionBackend:
     if name == "torch":
-        from aengine.attention.torch_backend import TorchBackend
-
-        return TorchBackend(**kw)
-    if name == "fi":
-        from aengine.attention.flashinfer_backend import FlashInferBackend
-
-        return FlashInferBackend(**kw)
-    if name == "fa":
-        from aengine.attention.fa_backend import FlashAttnBackend
-
-        return FlashAttnBackend(**kw)
-    raise ValueError(f"unknown attention backend {name!r} (torch, fi, fa)")
+        from aengine.attention.torch_backend import TorchBackend as cls
+    elif name == "fi":
+        from aengine.attention.flashinfer_backend import FlashInferBackend as cls
+    elif name == "fa":
+        from aengine.attention.fa_backend import FlashAttnBackend as cls
+    else:
+        raise ValueError(f"unknown attention backend {name!r} (torch, fi, fa)")
+    return cls(**kw)
 
 
 __all__ = ["AttentionBackend", "ForwardBatch", "check_kv_dtype", "create_backend", "current", "forward_context"]

@@ -1,8 +1,5 @@
-"""FlashAttention on the paged pool: the `flash_attn.cute` API of flash-attn-4 (Hopper and newer),
-or the classic `flash_attn` API where only that is installed.
-
-Both take the pool's [pages, page_size, kv_heads, head_dim] K/V as they are, plus one page-table
-row per sequence, which is simply our page table gathered by slot."""
+"""FlashAttention on the paged pool: flash-attn-4's `flash_attn.cute` (Hopper and newer), else the
+classic `flash_attn`. Both read the pool's K/V as they are, with our page table's rows by slot."""
 
 from __future__ import annotations
 

@@ -54,8 +54,7 @@ class FlashInferBackend(AttentionBackend):
         kv_indptr = np.concatenate([[0], np.cumsum(npages)])
         qo_indptr = np.concatenate([[0], np.cumsum(fb.extend_lens_cpu)])
         last = seq - (npages - 1) * ps
-        host = torch.from_numpy(np.concatenate([qo_indptr, kv_indptr, last, npages]).astype(np.int32))
-        host = host.pin_memory()
+        host = torch.from_numpy(np.concatenate([qo_indptr, kv_indptr, last, npages]).astype(np.int32)).pin_memory()
         dev = host.to(self.device, non_blocking=True)
         counts, starts = dev[3 * b + 2 :], dev[b + 1 : 2 * b + 1]
         total = int(kv_indptr[-1])
@@ -98,9 +97,8 @@ class FlashInferBackend(AttentionBackend):
             return self.fi.decode.xqa_batch_decode_with_kv_cache(
                 q.contiguous(), kv, self.xqa_ws, self.table, self.seq_u32, self.table.shape[1] * self.pool.page_size,
                 bmm1_scale=self.pool.k_scale[layer] * self.head_dim**-0.5, bmm2_scale=self.pool.v_scale[layer])
-        if not self.pool.fp8:
-            return self.wrapper.run(q.contiguous(), kv)
-        return self.wrapper.run(q.contiguous(), kv, k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer])
+        scales = dict(k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer]) if self.pool.fp8 else {}
+        return self.wrapper.run(q.contiguous(), kv, **scales)
 
     def init_graph(self, max_bs: int) -> None:
         i32 = dict(dtype=torch.int32, device=self.device)

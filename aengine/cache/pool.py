@@ -24,9 +24,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even). In fp32, and as a
-    product with the fp32 reciprocal of the scale, exactly as the fused write (layers/qkv_store.py)
-    does: the two paths store the same bits for the same input."""
+    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even), computed exactly as the
+    fused write (layers/qkv_store.py) does, so both store the same bits for the same input."""
     x = x.float()
     if scale != 1.0:
         x = x * torch.tensor(1.0 / scale, dtype=torch.float32, device=x.device)

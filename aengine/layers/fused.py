@@ -1,8 +1,6 @@
-"""flashinfer's fused kernels for the CUDA path, or None so that callers fall back to torch; and
-SiLU-and-mul, which is one of them or its torch form.
-
-Half-precision CUDA tensors only: the fp32 path stays plain torch, bit for bit the reference.
-AENGINE_NO_FUSED=1 turns them off (to measure what they buy, or to rule them out)."""
+"""flashinfer's fused kernels for half-precision CUDA tensors, or None so that callers fall back to
+torch (fp32 stays plain torch, the reference); and SiLU-and-mul. AENGINE_NO_FUSED=1 turns them off
+(to measure what they buy, or to rule them out)."""
 
 from __future__ import annotations
 

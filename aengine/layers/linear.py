@@ -29,8 +29,7 @@ class ColumnParallelLinear(nn.Module):
 
     def load(self, name: str, w: torch.Tensor, shard_id: int = 0) -> None:
         param = self.weight if name == "weight" else self.bias
-        w = self.shard_part(w, shard_id)
-        param.data.narrow(0, self.offsets[shard_id], self.out_sizes[shard_id]).copy_(w)
+        param.data.narrow(0, self.offsets[shard_id], self.out_sizes[shard_id]).copy_(self.shard_part(w, shard_id))
 
     def shard_part(self, w: torch.Tensor, shard_id: int) -> torch.Tensor:
         return _shard(w, 0, tp().rank, tp().size)

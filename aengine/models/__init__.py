@@ -17,8 +17,7 @@ REGISTRY: dict[str, type[nn.Module]] = {
 
 def model_class(cfg: object) -> type[nn.Module]:
     archs = getattr(cfg, "architectures", None) or []
-    for a in archs:
-        if a in REGISTRY:
-            return REGISTRY[a]
+    if found := [REGISTRY[a] for a in archs if a in REGISTRY]:
+        return found[0]
     raise ValueError(f"unsupported architecture {archs or getattr(cfg, 'model_type', '?')}; "
                      f"supported: {', '.join(REGISTRY)}")

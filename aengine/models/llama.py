@@ -30,8 +30,7 @@ class Attention(nn.Module):
         kv_heads = getattr(cfg, "num_key_value_heads", heads)
         self.head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, qkv_bias)
-        self.n_local = heads // tp().size
-        self.n_kv_local = self.qkv_proj.n_kv_local
+        self.n_local, self.n_kv_local = heads // tp().size, self.qkv_proj.n_kv_local
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -94,10 +93,8 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-# FP8 KV cache scales as checkpoints name them (after "model."): per layer, k_scale and v_scale on
-# self_attn (compressed-tensors, llm-compressor), on k_proj / v_proj (ModelOpt), or on self_attn.attn
-# (vLLM's own names); kv_scale (older vLLM/AutoFP8) serves both; k_proj/v_proj.output_scale is the
-# older compressed-tensors form. q_scale and prob_scale (FP8 attention math) are not used here.
+# FP8 KV cache scales under the names checkpoints use (docs/gpu.md, Scales); q_scale and prob_scale
+# (FP8 attention math) are matched only to be skipped.
 KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?"
                       r"(k_scale|v_scale|kv_scale|q_scale|prob_scale)$"
                       r"|^layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")
@@ -134,8 +131,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden)  # the model's dtype: the sampler widens only where it must
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
+        modules, params = dict(self.named_modules()), dict(self.named_parameters())
         self.kv_scales_loaded = 0  # how many k/v scale tensors the checkpoint had
         for name, w in weights:
             name = name.removeprefix("model.")

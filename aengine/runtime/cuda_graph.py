@@ -32,10 +32,8 @@ class CudaGraphs:
             return
         dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        self.ids = torch.zeros(max_bs, **i32)
-        self.pos = torch.zeros(max_bs, **i64)
-        self.loc = torch.zeros(max_bs, **i64)
-        self.slots = torch.zeros(max_bs, **i32)
+        self.ids, self.slots = torch.zeros(max_bs, **i32), torch.zeros(max_bs, **i32)
+        self.pos, self.loc = torch.zeros(max_bs, **i64), torch.zeros(max_bs, **i64)
         self.seq = torch.ones(max_bs, **i32)
         self.qo = torch.arange(max_bs + 1, **i32)
         self.sidx = torch.arange(max_bs, **i64)

@@ -21,8 +21,7 @@ class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
         self.name, self.help, self.buckets = name, help, buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
+        self.sum, self.count = 0.0, 0
 
     def observe(self, v: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, v)] += 1

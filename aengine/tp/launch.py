@@ -91,8 +91,7 @@ def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
 
 def run_worker_node(cfg: EngineConfig) -> int:
     """Nodes 1..nnodes-1: run this node's ranks until node 0 shuts down; returns an exit code."""
-    path = resolve_model(cfg.model)
-    hf_config = load_hf_config(path)
+    hf_config = load_hf_config(path := resolve_model(cfg.model))
     local, init_method, procs = _spawn(cfg, hf_config, path)
     code = 0
     try:

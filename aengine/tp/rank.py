@@ -55,9 +55,8 @@ class Rank:
             torch.cuda.set_device(device)
             cfg = cfg.replace(device=str(device))
         use_loopback(init_method)
-        backend = "nccl" if device.type == "cuda" else "gloo"
         store = _rendezvous(init_method, rank, cfg.tp, procs)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.tp,
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=cfg.tp,
                                 timeout=TP_TIMEOUT, device_id=device if device.type == "cuda" else None)
         # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
         self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
@@ -74,27 +73,22 @@ class Rank:
     def send(self, inp: StepInput | None) -> None:
         """Rank 0: one broadcast for a usual step (length + bytes in a fixed buffer), two for a big one."""
         data = b"" if inp is None else msgspec.msgpack.encode(inp)
-        buf = torch.zeros(HEADER, dtype=torch.uint8)
-        buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-        head = data[: HEADER - 8]
-        if head:
-            buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(buf, 0, group=self.meta)
+        framed = bytearray(len(data).to_bytes(8, "little") + data).ljust(HEADER, b"\0")
+        buf = torch.frombuffer(framed, dtype=torch.uint8)
+        dist.broadcast(buf[:HEADER], 0, group=self.meta)
         if len(data) > HEADER - 8:
-            dist.broadcast(torch.frombuffer(bytearray(data[HEADER - 8 :]), dtype=torch.uint8), 0, group=self.meta)
+            dist.broadcast(buf[HEADER:], 0, group=self.meta)
 
     def recv(self) -> StepInput | None:
         buf = torch.empty(HEADER, dtype=torch.uint8)
         dist.broadcast(buf, 0, group=self.meta)
-        n = int(buf[:8].view(torch.int64)[0])
-        if n == 0:
-            return None
+        n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
         data = buf[8 : 8 + n].numpy().tobytes()
         if n > HEADER - 8:
             rest = torch.empty(n - (HEADER - 8), dtype=torch.uint8)
             dist.broadcast(rest, 0, group=self.meta)
             data += rest.numpy().tobytes()
-        return msgspec.msgpack.decode(data, type=StepInput)
+        return msgspec.msgpack.decode(data, type=StepInput) if n else None
 
     def loop(self) -> None:
         """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""

@@ -141,8 +141,7 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise FileNotFoundError(f"no *.safetensors in {str(path)!r} (use load_format='dummy' for random weights)")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+            yield from ((name, sf.get_tensor(name)) for name in sf.keys())
 
 
 def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:

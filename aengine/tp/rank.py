@@ -98,8 +98,8 @@ class Rank:
 
 
 def end_groups(runner: ModelRunner, sync: bool = True, abort: bool = True, wait_s: float = 10.0) -> None:
-    """Leave the process groups; NCCL: CUDA graphs first, then the abort in a daemon thread, none when
-    about to exit (abort=False) and no sync after a fault (sync=False); why: docs/tp.md, NCCL teardown."""
+    """Leave the process groups (gloo's destroy never waits). NCCL: CUDA graphs first, then an abort in
+    a daemon thread; none when about to exit (abort=False), no sync after a fault (sync=False): docs/tp.md."""
     if dist.get_backend() != "nccl":
         dist.destroy_process_group()
         return

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_worker_node(engine_cfg)
     if ns.shell:
-        from aengine.shell import run_shell
+        from clients.shell import run_shell  # a user interface over the engine, loaded only here
 
         return run_shell(engine_cfg, max_tokens=server_cfg.max_tokens_limit or 512)
     from aengine.serve.server import run_server

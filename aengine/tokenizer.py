@@ -19,7 +19,13 @@ class Tokenizer:
         # A local directory: never ask the hub (offline machines would wait on its timeouts).
         cls = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else AutoTokenizer
         self.hf = cls.from_pretrained(str(path), local_files_only=True)
-        self.eos_ids = _eos_ids(path, self.hf)
+        self.eos_ids: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            if (f := path / name).exists():
+                e = json.loads(f.read_text()).get("eos_token_id")
+                self.eos_ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+        if getattr(self.hf, "eos_token_id", None) is not None:
+            self.eos_ids.add(self.hf.eos_token_id)
         # the most UTF-8 bytes one token can stand for (its vocabulary string's bytes bound them
         # from above): text longer than this times a context cannot fit it, whatever its tokens
         self.max_token_bytes = max((len(t.encode()) for t in self.hf.get_vocab()), default=1)
@@ -38,23 +44,9 @@ class Tokenizer:
         return Detokenizer(self, stop)
 
 
-def _eos_ids(path: Path, hf: object) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        f = path / name
-        if f.exists():
-            e = json.loads(f.read_text()).get("eos_token_id")
-            ids.update(e if isinstance(e, list) else [e] if e is not None else [])
-    if getattr(hf, "eos_token_id", None) is not None:
-        ids.add(hf.eos_token_id)
-    return ids
-
-
 class StopMatcher:
-    """Stop strings found in text that arrives piece by piece. Per stop string it keeps the length
-    of the longest prefix of it that the text ends with (a KMP automaton), so each new character
-    costs amortised O(1) per stop string, however long the strings and the text are, and the text
-    that might start a stop string (what must be held back) is a max over those lengths."""
+    """Stop strings in text that arrives piece by piece: per stop string, a KMP automaton's state (the
+    longest prefix of it the text ends with), so a character costs O(1) per stop (docs/reliability.md)."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
@@ -111,22 +103,18 @@ class Detokenizer:
 
     def add(self, token_id: int) -> bool:
         """Feed one token; True when a stop string was found (the text is cut before it)."""
-        piece = self.stream.step(self.backend, token_id)
-        if not piece:
+        if not (piece := self.stream.step(self.backend, token_id)):
             return False
         self.text += piece
         if self.stops is not None and (cut := self.stops.feed(piece)) >= 0:
-            self.text = self.text[:cut]
-            self.stops = None
+            self.text, self.stops = self.text[:cut], None
             return True
         return False
 
     def delta(self, final: bool) -> str:
         """New text safe to send: all of it when final, else all but a possible stop prefix."""
-        end = len(self.text)
-        if not final and self.stops is not None:
-            end -= self.stops.partial
-        end = max(end, self.sent)
+        held = self.stops.partial if not final and self.stops is not None else 0
+        end = max(len(self.text) - held, self.sent)
         out = self.text[self.sent : end]
         self.sent = end
         return out

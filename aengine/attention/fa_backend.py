@@ -1,19 +1,12 @@
-"""FlashAttention on the paged pool: the `flash_attn.cute` API of flash-attn-4 (Hopper and newer),
-or the classic `flash_attn` API where only that is installed.
-
-Both take the pool's [pages, page_size, kv_heads, head_dim] K/V as they are, plus one page-table
-row per sequence, which is simply our page table gathered by slot."""
+"""FlashAttention on the paged pool: flash-attn-4's `flash_attn.cute` (Hopper and newer), else the
+classic `flash_attn`. Both read the pool's K/V as they are, with our page table's rows by slot."""
 
 from __future__ import annotations
 
 import torch
 
-from aengine.attention.base import AttentionBackend, ForwardBatch
+from aengine.attention.base import FP8_REFUSED, AttentionBackend, ForwardBatch
 from aengine.cache.pool import KVPool
-
-# flash-attn reads FP8 K/V only with FP8 queries (FA3's descale path), not bf16 q over an FP8 cache
-FP8_REFUSED = ("--kv-cache-dtype fp8_e4m3 needs --attn fi or torch: the fa (flash-attn) backend cannot "
-               "read an FP8 KV cache")
 
 
 class FlashAttnBackend(AttentionBackend):

@@ -1,22 +1,7 @@
 """FlashInfer paged attention: one prefill and one decode wrapper, planned once per step and
-shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers.
-
-The pool's per-layer [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD"
-paged layout as they are, so the kernels read our pages directly.
-
-FP8 KV (--kv-cache-dtype fp8_e4m3): both wrappers are planned with q_data_type = the model dtype
-and kv_data_type = float8_e4m3fn, so the kernels read FP8 pages and upcast them in shared memory
-(decode: the CUDA-core kernel, or the tensor-core one, which is the fa2 prefill kernel; prefill:
-fa2, which takes bf16 q over FP8 KV; the sm90 fa3 kernel wants FP8 q as well). run() takes the
-layer's k_scale and v_scale as Python floats: k_scale is folded into the softmax scale, and a
-v_scale other than 1.0 costs one in-place multiply of the output.
-
-On Hopper with FP8 KV and pages of 16..128 tokens, decode runs flashinfer's XQA kernel instead
-(TensorRT-LLM's; it reads FP8 pages on tensor cores, quantizing q to FP8): the CUDA-core kernel
-takes as long over FP8 pages as over bf16 ones, so FP8 would halve the bytes but not the time
-(benchmarks/attn_bench.py --kv-dtype fp8). XQA needs no plan: it reads a block table
-[batch, pages] (the page table's rows for the batch, gathered on the device inside the step) and
-the lengths."""
+shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers. The
+pool's [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD" layout as they are.
+FP8 KV, and XQA decode on Hopper: docs/gpu.md."""
 
 from __future__ import annotations
 
@@ -69,8 +54,7 @@ class FlashInferBackend(AttentionBackend):
         kv_indptr = np.concatenate([[0], np.cumsum(npages)])
         qo_indptr = np.concatenate([[0], np.cumsum(fb.extend_lens_cpu)])
         last = seq - (npages - 1) * ps
-        host = torch.from_numpy(np.concatenate([qo_indptr, kv_indptr, last, npages]).astype(np.int32))
-        host = host.pin_memory()
+        host = torch.from_numpy(np.concatenate([qo_indptr, kv_indptr, last, npages]).astype(np.int32)).pin_memory()
         dev = host.to(self.device, non_blocking=True)
         counts, starts = dev[3 * b + 2 :], dev[b + 1 : 2 * b + 1]
         total = int(kv_indptr[-1])
@@ -113,9 +97,8 @@ class FlashInferBackend(AttentionBackend):
             return self.fi.decode.xqa_batch_decode_with_kv_cache(
                 q.contiguous(), kv, self.xqa_ws, self.table, self.seq_u32, self.table.shape[1] * self.pool.page_size,
                 bmm1_scale=self.pool.k_scale[layer] * self.head_dim**-0.5, bmm2_scale=self.pool.v_scale[layer])
-        if not self.pool.fp8:
-            return self.wrapper.run(q.contiguous(), kv)
-        return self.wrapper.run(q.contiguous(), kv, k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer])
+        scales = dict(k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer]) if self.pool.fp8 else {}
+        return self.wrapper.run(q.contiguous(), kv, **scales)
 
     def init_graph(self, max_bs: int) -> None:
         i32 = dict(dtype=torch.int32, device=self.device)

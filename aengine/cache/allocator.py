@@ -13,10 +13,6 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_used(self) -> int:
-        return self.capacity - len(self._free)
-
     def free_pages(self) -> list[int]:
         return list(self._free)
 

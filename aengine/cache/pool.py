@@ -1,11 +1,6 @@
-"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim].
-
-In the model dtype, or as float8_e4m3fn (`--kv-cache-dtype fp8_e4m3`): half the bytes per token,
-so the same memory holds twice the tokens. FP8 K/V carry one scale per layer for K and one for V
-(stored = k / k_scale, read = stored * k_scale): per layer because that is what checkpoints ship
-(`k_scale`/`v_scale`, one number per attention layer) and what flashinfer's kernels take (a
-scalar folded into the softmax scale, and one product on the output), so a finer grain would
-buy nothing the kernels can use. Without checkpoint scales every scale is 1.0 (see docs/gpu.md)."""
+"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim], in the
+model dtype or float8_e4m3fn with one k_scale and one v_scale per layer (why: docs/gpu.md, FP8 KV
+cache); without checkpoint scales every scale is 1.0."""
 
 from __future__ import annotations
 
@@ -18,11 +13,9 @@ KV_DTYPES = {"fp8_e4m3": FP8, "fp8": FP8}
 
 def kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The pool's dtype for --kv-cache-dtype NAME."""
-    if name == "auto":
-        return model_dtype
-    if name not in KV_DTYPES:
+    if name not in ("auto", *KV_DTYPES):
         raise ValueError(f"unknown --kv-cache-dtype {name!r} (auto, fp8_e4m3)")
-    return KV_DTYPES[name]
+    return KV_DTYPES.get(name, model_dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -31,9 +24,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even). In fp32, and as a
-    product with the fp32 reciprocal of the scale, exactly as the fused write (layers/qkv_store.py)
-    does: the two paths store the same bits for the same input."""
+    """x / scale, saturated to +-448, as float8_e4m3fn (round to nearest even), computed exactly as the
+    fused write (layers/qkv_store.py) does, so both store the same bits for the same input."""
     x = x.float()
     if scale != 1.0:
         x = x * torch.tensor(1.0 / scale, dtype=torch.float32, device=x.device)

@@ -15,8 +15,7 @@ class Node:
     def __init__(self, key: list[int], pages: list[int], parent: Node | None) -> None:
         self.key, self.pages, self.parent = key, pages, parent
         self.children: dict[tuple[int, ...], Node] = {}
-        self.ref = 0
-        self.last_access = time.monotonic()
+        self.ref, self.last_access = 0, time.monotonic()
 
 
 class RadixCache:
@@ -24,13 +23,7 @@ class RadixCache:
         self.alloc, self.ps = allocator, page_size
         self.root = Node([], [], None)
         self.root.ref = 1  # never evicted
-        self.evictable_pages = 0
-        self.locked_pages = 0
-        self.evicted_pages = 0
-
-    @property
-    def total_pages(self) -> int:
-        return self.evictable_pages + self.locked_pages
+        self.evictable_pages = self.locked_pages = self.evicted_pages = 0
 
     def _common(self, key: list[int], tokens: list[int], start: int) -> int:
         """Length of the page-aligned common prefix of key and tokens[start:]. Slices are compared
@@ -95,8 +88,7 @@ class RadixCache:
             new = Node(list(tokens[i:limit]), list(pages[i // self.ps : limit // self.ps]), node)
             node.children[tuple(new.key[: self.ps])] = new
             self.evictable_pages += len(new.pages)
-            have = have + new.pages
-            node = new
+            have, node = have + new.pages, new
         return have, node
 
     def lock(self, node: Node) -> None:
@@ -118,7 +110,12 @@ class RadixCache:
 
     def evict(self, n_pages: int) -> int:
         """Free at least n_pages from unreferenced leaves, least recently used first; returns freed."""
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if n.ref == 0]
+        heap, stack = [], [self.root]
+        while stack:  # the unreferenced leaves
+            n = stack.pop()
+            stack.extend(n.children.values())
+            if not n.children and n is not self.root and n.ref == 0:
+                heap.append((n.last_access, id(n), n))
         heapq.heapify(heap)
         freed = 0
         while freed < n_pages and heap:
@@ -159,13 +156,3 @@ class RadixCache:
         if (locked, evictable) != (self.locked_pages, self.evictable_pages):
             problems.append(f"tree counts {self.locked_pages}/{self.evictable_pages}, found {locked}/{evictable}")
         return pages, problems
-
-    def _leaves(self) -> list[Node]:
-        out, stack = [], [self.root]
-        while stack:
-            n = stack.pop()
-            if n.children:
-                stack.extend(n.children.values())
-            elif n is not self.root:
-                out.append(n)
-        return out

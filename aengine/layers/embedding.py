@@ -12,9 +12,7 @@ from aengine.distributed import all_gather_last_dim, all_reduce, tp
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
-        size = tp().size
-        self.vocab = vocab
-        self.per_rank = (vocab + size - 1) // size
+        self.vocab, self.per_rank = vocab, -(-vocab // tp().size)
         self.start = tp().rank * self.per_rank
         self.weight = nn.Parameter(torch.zeros(self.per_rank, dim), requires_grad=False)
 

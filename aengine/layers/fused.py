@@ -1,7 +1,6 @@
-"""flashinfer's fused kernels for the CUDA path, or None so that callers fall back to torch.
-
-Half-precision CUDA tensors only: the fp32 path stays plain torch, bit for bit the reference.
-AENGINE_NO_FUSED=1 turns them off (to measure what they buy, or to rule them out)."""
+"""flashinfer's fused kernels for half-precision CUDA tensors, or None so that callers fall back to
+torch (fp32 stays plain torch, the reference); and SiLU-and-mul. AENGINE_NO_FUSED=1 turns them off
+(to measure what they buy, or to rule them out)."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 _fi: ModuleType | bool | None = None
 
@@ -30,3 +30,12 @@ def fused(x: torch.Tensor) -> ModuleType | None:
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     return flashinfer()
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated activation of Llama/Qwen MLPs on a fused gate_up projection."""
+    fi = fused(x)
+    if fi is not None:
+        return fi.activation.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -29,8 +29,7 @@ class ColumnParallelLinear(nn.Module):
 
     def load(self, name: str, w: torch.Tensor, shard_id: int = 0) -> None:
         param = self.weight if name == "weight" else self.bias
-        w = self.shard_part(w, shard_id)
-        param.data.narrow(0, self.offsets[shard_id], self.out_sizes[shard_id]).copy_(w)
+        param.data.narrow(0, self.offsets[shard_id], self.out_sizes[shard_id]).copy_(self.shard_part(w, shard_id))
 
     def shard_part(self, w: torch.Tensor, shard_id: int) -> torch.Tensor:
         return _shard(w, 0, tp().rank, tp().size)
@@ -44,11 +43,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     there are fewer of them than ranks."""
 
     def __init__(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool) -> None:
-        size = tp().size
-        if n_heads % size:
-            raise ValueError(f"tp={size} does not divide the {n_heads} attention heads")
-        if n_kv_heads % size and size % n_kv_heads:
-            raise ValueError(f"tp={size} and the {n_kv_heads} KV heads do not divide one another")
+        size = tp().size  # checked against the heads before any rank started (tp/launch.py:check_tp)
         self.n_kv_local = max(1, n_kv_heads // size)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         kv = self.n_kv_local * head_dim * size  # so that the base class divides it evenly

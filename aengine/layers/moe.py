@@ -1,12 +1,8 @@
 """Mixture-of-experts MLP (Qwen3-MoE): a softmax router picks each token's top-k experts, whose
 SwiGLU outputs are summed weighted by the router's probabilities (renormalized over the top k
-when the checkpoint says norm_topk_prob). Under TP every rank holds its slice of every expert's
-intermediate dim, and the partial sums meet in one all-reduce, as in the dense MLP.
-
-On CUDA in half precision the experts run as two grouped GEMMs (flashinfer's segment GEMM: one
-launch over all experts' row ranges); routing, the sort by expert and the weighted sum are torch
-ops of fixed shapes without host syncs, so decode is captured in CUDA graphs. Elsewhere a plain
-loop over the experts is the reference the grouped path is tested against."""
+when norm_topk_prob). Under TP every rank holds a slice of every expert's intermediate dim.
+On CUDA in half precision: two grouped GEMMs, no host syncs (docs/gpu.md); elsewhere a loop over
+the experts, the reference."""
 
 from __future__ import annotations
 
@@ -17,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aengine.distributed import all_reduce, tp
-from aengine.layers.activation import silu_and_mul
-from aengine.layers.fused import fused
+from aengine.layers.fused import fused, silu_and_mul
 
 
 @functools.cache

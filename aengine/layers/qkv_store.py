@@ -1,18 +1,7 @@
 """One Triton kernel for what sits between the QKV projection and attention: the per-head RMSNorm
-of q and k (Qwen3), rotary embedding, and the write of k and v into the paged KV pool.
-
-Unfused, that is a q norm, a k norm, a rotary kernel, two index_put scatters and a copy that makes
-q contiguous: on W1's prefill steps (8k tokens, Qwen3-0.6B) 11 ms of a 26 ms step, mostly
-flashinfer's RMSNorm, which is slow on 128-wide rows (benchmarks/RESULTS.md, the profile).
-Here one program per token reads its q, k, v heads once and writes q (contiguous) and the
-cache rows. CUDA half precision only, like the other fused kernels (layers/fused.py): fp32 and
-the CPU keep the plain torch path, the reference.
-
-With an FP8 cache (float8_e4m3fn k_cache / v_cache) the same kernel quantizes what it writes: k
-and v in fp32, times the reciprocal of the layer's scale (inv_scale: a device tensor
-[1/k_scale, 1/v_scale]), saturated to +-448 and rounded to nearest even, as
-cache/pool.py:quantize does on the torch path.
-q stays in the model dtype. (Triton's float8e4nv, the e4m3fn format, needs sm89 or newer.)"""
+of q and k (Qwen3), rotary embedding, and the write of k and v into the paged KV pool (quantized
+as cache/pool.py:quantize does, for an FP8 pool). Why, what it replaced, and what it needs:
+docs/gpu.md. CUDA half precision only: fp32 and the CPU keep the torch path, the reference."""
 
 from __future__ import annotations
 

@@ -54,9 +54,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cos_sin = _cos_sin(head_dim, max_pos, theta, rp, torch.empty(0).device)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fi = fused(q)
         if fi is not None:  # in place, on the q/k views of the fused projection: no copies
             fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], self.cos_sin, True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from aengine.models.llama import LlamaForCausalLM
-from aengine.models.qwen2 import Qwen2ForCausalLM
-from aengine.models.qwen3 import Qwen3ForCausalLM
+from aengine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -19,8 +17,7 @@ REGISTRY: dict[str, type[nn.Module]] = {
 
 def model_class(cfg: object) -> type[nn.Module]:
     archs = getattr(cfg, "architectures", None) or []
-    for a in archs:
-        if a in REGISTRY:
-            return REGISTRY[a]
+    if found := [REGISTRY[a] for a in archs if a in REGISTRY]:
+        return found[0]
     raise ValueError(f"unsupported architecture {archs or getattr(cfg, 'model_type', '?')}; "
                      f"supported: {', '.join(REGISTRY)}")

@@ -12,8 +12,8 @@ from torch import nn
 
 from aengine.attention import current
 from aengine.distributed import tp
-from aengine.layers.activation import silu_and_mul
 from aengine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from aengine.layers.fused import silu_and_mul
 from aengine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from aengine.layers.moe import MoE
 from aengine.layers.norm import RMSNorm
@@ -30,8 +30,7 @@ class Attention(nn.Module):
         kv_heads = getattr(cfg, "num_key_value_heads", heads)
         self.head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, qkv_bias)
-        self.n_local = heads // tp().size
-        self.n_kv_local = self.qkv_proj.n_kv_local
+        self.n_local, self.n_kv_local = heads // tp().size, self.qkv_proj.n_kv_local
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -52,10 +51,8 @@ class Attention(nn.Module):
                                     inv_scale=pool.inv_scales[self.layer] if pool.fp8 else None)
             o = backend.attend(q, self.layer)
         else:
-            q, k, v = qkv.split([s for s in self.qkv_proj.out_sizes], dim=-1)
-            q = q.view(-1, self.n_local, self.head_dim)
-            k = k.view(-1, self.n_kv_local, self.head_dim)
-            v = v.view(-1, self.n_kv_local, self.head_dim)
+            q, k, v = (t.view(-1, n, self.head_dim) for t, n in zip(qkv.split(self.qkv_proj.out_sizes, dim=-1),
+                                                                    (self.n_local, self.n_kv_local, self.n_kv_local)))
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
@@ -85,9 +82,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -97,10 +93,8 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-# FP8 KV cache scales as checkpoints name them (after "model."): per layer, k_scale and v_scale on
-# self_attn (compressed-tensors, llm-compressor), on k_proj / v_proj (ModelOpt), or on self_attn.attn
-# (vLLM's own names); kv_scale (older vLLM/AutoFP8) serves both; k_proj/v_proj.output_scale is the
-# older compressed-tensors form. q_scale and prob_scale (FP8 attention math) are not used here.
+# FP8 KV cache scales under the names checkpoints use (docs/gpu.md, Scales); q_scale and prob_scale
+# (FP8 attention math) are matched only to be skipped.
 KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?"
                       r"(k_scale|v_scale|kv_scale|q_scale|prob_scale)$"
                       r"|^layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")
@@ -119,9 +113,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
@@ -139,8 +131,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden)  # the model's dtype: the sampler widens only where it must
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
+        modules, params = dict(self.named_modules()), dict(self.named_parameters())
         self.kv_scales_loaded = 0  # how many k/v scale tensors the checkpoint had
         for name, w in weights:
             name = name.removeprefix("model.")
@@ -178,3 +169,11 @@ class LlamaForCausalLM(nn.Module):
         if kind in ("v_scale", "kv_scale"):
             attn.v_scale = s
         self.kv_scales_loaded += 1
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):  # Qwen2 / Qwen2.5: a bias on the q, k and v projections
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):  # Qwen3: RMSNorm on each head of q and k before rotary
+    qk_norm = True

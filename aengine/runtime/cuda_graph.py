@@ -1,11 +1,6 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, captured at start-up and
-replayed each step, so a step costs one launch instead of a few hundred.
-
-A graph reads fixed addresses, so each step copies its inputs (ids, positions, KV slots) into
-static buffers first; the ids come from the runner's last_tok on the device, so overlap
-scheduling keeps working. A batch is padded up to its bucket: padded rows use slot 0, whose
-page-table row points at page 0, the scratch page no request owns. Sampling and the LM head run
-outside the graph (the LM head on the sampled rows only)."""
+"""CUDA graphs for decode steps: one per batch-size bucket, captured at start-up, replayed over
+static input buffers; padded rows write to the scratch page 0 (docs/gpu.md). The ids come from
+the runner's last_tok on the device, so overlap scheduling keeps working."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ def buckets(max_bs: int) -> list[int]:
 
 class CudaGraphs:
     def __init__(self, model: nn.Module, backend: AttentionBackend, max_bs: int) -> None:
-        self.model = model
-        self.backend = backend
+        self.model, self.backend = model, backend
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.out: dict[int, torch.Tensor] = {}
         self.sizes: list[int] = []
@@ -38,10 +32,8 @@ class CudaGraphs:
             return
         dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        self.ids = torch.zeros(max_bs, **i32)
-        self.pos = torch.zeros(max_bs, **i64)
-        self.loc = torch.zeros(max_bs, **i64)
-        self.slots = torch.zeros(max_bs, **i32)
+        self.ids, self.slots = torch.zeros(max_bs, **i32), torch.zeros(max_bs, **i32)
+        self.pos, self.loc = torch.zeros(max_bs, **i64), torch.zeros(max_bs, **i64)
         self.seq = torch.ones(max_bs, **i32)
         self.qo = torch.arange(max_bs + 1, **i32)
         self.sidx = torch.arange(max_bs, **i64)
@@ -91,11 +83,9 @@ class CudaGraphs:
         """The final hidden states of fb's rows."""
         b = fb.batch_size
         n = self.sizes[bisect.bisect_left(self.sizes, b)]
-        self.ids[:b].copy_(fb.input_ids)
-        self.pos[:b].copy_(fb.positions)
-        self.loc[:b].copy_(fb.out_loc)
-        self.slots[:b].copy_(fb.slots)
-        self.seq[:b].copy_(fb.seq_lens)
+        for buf, src in zip((self.ids, self.pos, self.loc, self.slots, self.seq),
+                            (fb.input_ids, fb.positions, fb.out_loc, fb.slots, fb.seq_lens)):
+            buf[:b].copy_(src)
         if n > b:  # stale rows of an earlier, larger step must not write into live pages
             for buf in (self.ids, self.pos, self.loc, self.slots):
                 buf[b:n].zero_()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
+import itertools
 import os
 import time
 from typing import TYPE_CHECKING
@@ -20,8 +21,7 @@ class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
         self.name, self.help, self.buckets = name, help, buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
+        self.sum, self.count = 0.0, 0
 
     def observe(self, v: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, v)] += 1
@@ -29,13 +29,13 @@ class Histogram:
         self.count += 1
 
     def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        acc = 0
-        for le, c in zip((*map(str, self.buckets), "+Inf"), self.counts):
-            acc += c
-            out.append(f'{self.name}_bucket{{le="{le}"}} {acc}')
-        out += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
-        return out
+        n, les = self.name, (*map(str, self.buckets), "+Inf")
+        buckets = (f'{n}_bucket{{le="{le}"}} {c}' for le, c in zip(les, itertools.accumulate(self.counts)))
+        return family("histogram", n, self.help, *buckets, f"{n}_sum {self.sum}", f"{n}_count {self.count}")
+
+
+def family(kind: str, name: str, help: str, *samples: str) -> list[str]:
+    return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", *samples]
 
 
 class Metrics:
@@ -92,18 +92,17 @@ class Metrics:
         out: list[str] = []
         for kind, rows in (("gauge", gauges), ("counter", counters)):
             for name, help, v in rows:
-                out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {v}"]
+                out += family(kind, name, help, f"{name} {v}")
         # what the KV pool stores and how much: a label on an info gauge, as Prometheus does for versions
         r = getattr(engine, "runner", None)
         if r is not None and hasattr(r, "kv_cache_dtype"):
-            out += ["# HELP aengine_kv_cache_info The KV cache's storage dtype (fp8_e4m3, bfloat16, float32, ...).",
-                    "# TYPE aengine_kv_cache_info gauge", f'aengine_kv_cache_info{{dtype="{r.kv_cache_dtype}"}} 1',
-                    "# HELP aengine_kv_cache_capacity_tokens KV pool capacity in tokens (pages times page size).",
-                    "# TYPE aengine_kv_cache_capacity_tokens gauge",
-                    f"aengine_kv_cache_capacity_tokens {r.num_pages * r.page_size}"]
+            out += family("gauge", "aengine_kv_cache_info", "The KV cache's storage dtype (fp8_e4m3, bfloat16, "
+                          "float32, ...).", f'aengine_kv_cache_info{{dtype="{r.kv_cache_dtype}"}} 1')
+            out += family("gauge", "aengine_kv_cache_capacity_tokens", "KV pool capacity in tokens (pages times page "
+                          "size).", f"aengine_kv_cache_capacity_tokens {r.num_pages * r.page_size}")
         name = "aengine_requests_finished_total"
-        out += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
-        out += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.requests.items())]
+        out += family("counter", name, "Finished requests by finish reason.",
+                      *(f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.requests.items())))
         out += self.ttft.render() + self.itl.render() + self.gc_pause.render()
         return "\n".join(out) + "\n"
 

@@ -1,7 +1,5 @@
 """Starting tensor parallelism: checks before any process starts, spawning this node's rank
-processes, and building rank 0 (the server process). With --nnodes > 1 every node runs
-`tp / nnodes` ranks; the first process on each node is its local rank 0 and spawns the rest,
-and only node 0 serves."""
+processes (tp / nnodes per node), and building rank 0, the server process (docs/tp.md)."""
 
 from __future__ import annotations
 
@@ -50,15 +48,17 @@ def check_tp(cfg: EngineConfig, hf_config: Any) -> int:
     return local
 
 
-def _init_method(cfg: EngineConfig) -> str:
+def _spawn(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[int, str, list[Any]]:
+    """Check, pick the rendezvous address, and start this node's ranks but its local rank 0:
+    (ranks per node, init method, their processes)."""
+    local = check_tp(cfg, hf_config)
     if cfg.dist_init_addr:
-        return f"tcp://{cfg.dist_init_addr}"
-    with socket.socket() as s:  # single node: any free loopback port
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def _spawn(cfg: EngineConfig, hf_config: Any, path: Path, local: int, init_method: str) -> list[Any]:
+        init_method = f"tcp://{cfg.dist_init_addr}"
+    else:
+        with socket.socket() as s:  # single node: any free loopback port
+            s.bind(("127.0.0.1", 0))
+            init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    use_loopback(init_method)  # before spawning: children inherit the environment
     ctx = mp.get_context("spawn")  # fork is unsafe with CUDA and with the loop's threads
     procs = []
     for lr in range(1, local):
@@ -67,7 +67,7 @@ def _spawn(cfg: EngineConfig, hf_config: Any, path: Path, local: int, init_metho
                         name=f"aengine-tp{rank}", daemon=True)
         p.start()
         procs.append(p)
-    return procs
+    return local, init_method, procs
 
 
 def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
@@ -75,10 +75,7 @@ def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
     group, and build the rank-0 runner. Other nodes run `run_worker_node`."""
     if cfg.node_rank != 0:
         raise ValueError("only node 0 serves; run the other nodes with run_worker_node")
-    local = check_tp(cfg, hf_config)
-    init_method = _init_method(cfg)
-    use_loopback(init_method)  # before spawning: children inherit the environment
-    procs = _spawn(cfg, hf_config, path, local, init_method)
+    _, init_method, procs = _spawn(cfg, hf_config, path)
     try:
         rank = Rank(cfg, hf_config, path, 0, 0, init_method, procs)
     except BaseException:
@@ -94,12 +91,8 @@ def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
 
 def run_worker_node(cfg: EngineConfig) -> int:
     """Nodes 1..nnodes-1: run this node's ranks until node 0 shuts down; returns an exit code."""
-    path = resolve_model(cfg.model)
-    hf_config = load_hf_config(path)
-    local = check_tp(cfg, hf_config)
-    init_method = _init_method(cfg)
-    use_loopback(init_method)
-    procs = _spawn(cfg, hf_config, path, local, init_method)
+    hf_config = load_hf_config(path := resolve_model(cfg.model))
+    local, init_method, procs = _spawn(cfg, hf_config, path)
     code = 0
     try:
         Rank(cfg, hf_config, path, cfg.node_rank * local, 0, init_method).loop()

@@ -1,9 +1,5 @@
 """One tensor-parallel rank: the rendezvous, the process groups, the wire format of a step, the
-loop of ranks > 0, and leaving NCCL without hanging.
-
-The server process is global rank 0: it owns the scheduler and sends every StepInput to the
-other ranks over a gloo group before running it. Ranks 1..N-1 run the same forward; all ranks
-meet in the model's all-reduce / all-gather over the TP group (NCCL on CUDA, gloo on CPU)."""
+loop of ranks > 0, and leaving NCCL without hanging (docs/tp.md)."""
 
 from __future__ import annotations
 
@@ -59,9 +55,8 @@ class Rank:
             torch.cuda.set_device(device)
             cfg = cfg.replace(device=str(device))
         use_loopback(init_method)
-        backend = "nccl" if device.type == "cuda" else "gloo"
         store = _rendezvous(init_method, rank, cfg.tp, procs)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.tp,
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=cfg.tp,
                                 timeout=TP_TIMEOUT, device_id=device if device.type == "cuda" else None)
         # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
         self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
@@ -78,27 +73,22 @@ class Rank:
     def send(self, inp: StepInput | None) -> None:
         """Rank 0: one broadcast for a usual step (length + bytes in a fixed buffer), two for a big one."""
         data = b"" if inp is None else msgspec.msgpack.encode(inp)
-        buf = torch.zeros(HEADER, dtype=torch.uint8)
-        buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-        head = data[: HEADER - 8]
-        if head:
-            buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(buf, 0, group=self.meta)
+        framed = bytearray(len(data).to_bytes(8, "little") + data).ljust(HEADER, b"\0")
+        buf = torch.frombuffer(framed, dtype=torch.uint8)
+        dist.broadcast(buf[:HEADER], 0, group=self.meta)
         if len(data) > HEADER - 8:
-            dist.broadcast(torch.frombuffer(bytearray(data[HEADER - 8 :]), dtype=torch.uint8), 0, group=self.meta)
+            dist.broadcast(buf[HEADER:], 0, group=self.meta)
 
     def recv(self) -> StepInput | None:
         buf = torch.empty(HEADER, dtype=torch.uint8)
         dist.broadcast(buf, 0, group=self.meta)
-        n = int(buf[:8].view(torch.int64)[0])
-        if n == 0:
-            return None
+        n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
         data = buf[8 : 8 + n].numpy().tobytes()
         if n > HEADER - 8:
             rest = torch.empty(n - (HEADER - 8), dtype=torch.uint8)
             dist.broadcast(rest, 0, group=self.meta)
             data += rest.numpy().tobytes()
-        return msgspec.msgpack.decode(data, type=StepInput)
+        return msgspec.msgpack.decode(data, type=StepInput) if n else None
 
     def loop(self) -> None:
         """Ranks > 0: run each step rank 0 sends, until it sends the shutdown message."""
@@ -108,11 +98,8 @@ class Rank:
 
 
 def end_groups(runner: ModelRunner, sync: bool = True, abort: bool = True, wait_s: float = 10.0) -> None:
-    """Leave the process groups. gloo's destroy never waits. For NCCL the CUDA graphs go first (an
-    abort with graphs alive never returned, on H100s); the abort then runs in a daemon thread that
-    is left behind if NCCL blocks anyway. A rank about to exit skips the abort (abort=False):
-    process exit releases NCCL without waiting on peers. No sync after a fault: kernels waiting on
-    a dead peer would never finish."""
+    """Leave the process groups (gloo's destroy never waits). NCCL: CUDA graphs first, then an abort in
+    a daemon thread; none when about to exit (abort=False), no sync after a fault (sync=False): docs/tp.md."""
     if dist.get_backend() != "nccl":
         dist.destroy_process_group()
         return
@@ -150,24 +137,19 @@ def _rendezvous(init_method: str, rank: int, world: int, procs: list[Any] | tupl
     return store
 
 
-def _watch_parent() -> None:
-    """A spawned rank dies with its parent, even when a collective would hang (NCCL)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            threading.Event().wait(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="aengine-parent-watch").start()
-
-
 def rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
                init_method: str) -> None:
     """Entry point of a spawned rank."""
     # Ctrl-C reaches the whole process group; rank 0 drains on it and then stops the ranks itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent()
+    parent = os.getppid()
+
+    def watch() -> None:  # a spawned rank dies with its parent, even when a collective would hang (NCCL)
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="aengine-parent-watch").start()
     if torch.cuda.device_count() == 0:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp // cfg.nnodes)))
     try:

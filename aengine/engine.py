@@ -14,6 +14,7 @@ from aengine.config import EngineConfig
 from aengine.models import model_class
 from aengine.runtime.executor import Executor
 from aengine.runtime.runner import ModelRunner
+from aengine.scheduler.grammar import Grammars
 from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
 from aengine.tokenizer import Tokenizer
@@ -57,6 +58,7 @@ class AsyncEngine:
             tok_path = resolve_model(None)
         self.tokenizer = Tokenizer(tok_path)
         t_tok = time.perf_counter()
+        self.grammars = Grammars(self.tokenizer.hf, self.hf_config.vocab_size, min(self.tokenizer.eos_ids))
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
         if executor is not None:
             self.executor = executor
@@ -76,7 +78,7 @@ class AsyncEngine:
             return
         r = self.runner
         self.scheduler = Scheduler(self.cfg, self.executor, self.tokenizer.eos_ids, page_size=r.page_size,
-                                   num_pages=r.num_pages, max_model_len=r.max_model_len)
+                                   num_pages=r.num_pages, max_model_len=r.max_model_len, grammars=self.grammars)
         self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
 
     @property
@@ -147,7 +149,7 @@ class AsyncEngine:
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
         """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
-        carrying the finish reason and the RequestOutput."""
+        carrying the finish reason and the RequestOutput. Await grammars.prepare(params) first."""
         if self.scheduler is None or self.task is None:
             raise RuntimeError("engine not started")
         if self.task.done():
@@ -171,7 +173,7 @@ class AsyncEngine:
         if rid in self.scheduler.by_id:
             raise InvalidRequest(f"request id {rid!r} is already running")
         self.scheduler.add(Req(rid, prompt_ids, params, self.tokenizer.detokenizer(params.stop_list), emit,
-                               max_tokens))
+                               max_tokens, params.constraint and self.grammars.compile(params.constraint)))
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
         q: asyncio.Queue[RequestDelta] = asyncio.Queue()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the developer machine (with network), from the project root: download what a GPU machine
 # without network lacks into ignored folders, which a device run then carries along:
-#   .whl/   flashinfer-python, apache-tvm-ffi, websockets, msgspec, ninja       (~12 MB)
+#   .whl/   flashinfer-python, apache-tvm-ffi, websockets, msgspec, ninja, llguidance (~15 MB)
 #   .fa4a/  flash-attn-4 and its CuTe DSL runtime, part 1                      (~54 MB)
 #   .fa4b/  part 2 of the CUDA 13 CuTe DSL library (split: one call carries 64 MiB at most)
 #   .tok/   a tokenizer for the dummy-weight benchmark models (the embedded SmolLM2 one)
@@ -17,7 +17,8 @@ dl() {  # dl DIR PKG==VER...   wheels for the device's CPython 3.12 on x86-64 Li
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 \
     -d "$dir" "$@"
 }
-dl .whl flashinfer-python==0.6.6 apache-tvm-ffi==0.1.15.post2 websockets==17.4 msgspec==0.22.0 ninja==1.13.2
+dl .whl flashinfer-python==0.6.6 apache-tvm-ffi==0.1.15.post2 websockets==17.4 msgspec==0.22.0 ninja==1.13.2 \
+  llguidance==1.6.1  # structured output: one abi3 wheel (3 MB), no dependencies
 if [ "${1:-}" != "--no-fa4" ]; then
   dl .fa4a flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
     nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5

@@ -20,6 +20,7 @@ class Req:
     detok: Detokenizer
     emit: EmitFn
     max_tokens: int  # resolved against the context length
+    matcher: object | None = None  # scheduler/grammar.py; each Req (and copy) advances its own copy
     output_ids: list[int] = field(default_factory=list)
     # KV state
     slot: int = 0  # 0: none
@@ -38,6 +39,7 @@ class Req:
 
     def __post_init__(self) -> None:
         # the opening tokens that requests sharing a prompt prefix have in common
+        self.matcher = self.matcher and self.matcher.deep_copy()
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
 
     @property

@@ -34,6 +34,10 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = True
+    json_schema: dict | str | None = None  # structured output: at most one of these four
+    regex: str | None = None
+    grammar: str | None = None  # EBNF: GBNF or Lark syntax
+    json: bool = False  # any JSON object
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):

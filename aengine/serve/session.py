@@ -193,11 +193,13 @@ class Session:
             # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
             ids = await asyncio.get_running_loop().run_in_executor(
                 self.server.tok_pool, self.engine.encode, g.prompt, msgs, g.input_ids)
+            params = self._params(g, len(ids))
+            await self.engine.grammars.prepare(params)
             if st.cancelled or self.closed:
                 self.live.pop(st.id, None)
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
                 return
-            self.engine.submit(st.rid, ids, self._params(g, len(ids)), lambda d: self._emit(st, d))
+            self.engine.submit(st.rid, ids, params, lambda d: self._emit(st, d))
             st.submitted = True
             st.t_submit = time.monotonic()
         except EngineError as e:
@@ -221,7 +223,8 @@ class Session:
                 raise ValueError(f"max_tokens ({max_tokens}) is above this server's limit of {limit}")
         return SamplingParams(max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                               min_p=g.min_p, seed=g.seed, stop=g.stop, stop_token_ids=g.stop_token_ids,
-                              ignore_eos=g.ignore_eos)
+                              ignore_eos=g.ignore_eos, json_schema=g.json_schema, regex=g.regex, grammar=g.grammar,
+                              json=g.json)
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)

@@ -63,7 +63,7 @@ class Executor:
         if not self.cuda:
             p.fut = self.pool.submit(lambda f=p.fut: self.runner.sample(inp, *f.result(), masks).tolist())
             return
-        p.ids = self.runner.sample(inp, *p.ids, masks).to("cpu", non_blocking=True)  # a device error here stops the engine
+        p.ids = self.runner.sample(inp, *p.ids, masks).to("cpu", non_blocking=True)  # a device error: the engine stops
         p.event = torch.cuda.Event()
         p.event.record()
 

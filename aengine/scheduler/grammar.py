@@ -20,7 +20,7 @@ MAX_CHARS, TIMEOUT_S, CACHED = 1 << 16, 10.0, 256
 
 class Grammars:
     def __init__(self, hf_tokenizer: object, vocab: int, eos: int) -> None:
-        self.hf, self.vocab, self.eos = hf_tokenizer, vocab, eos
+        self.hf, self.vocab, self.eos = hf_tokenizer, max(vocab, len(hf_tokenizer)), eos  # dummy models: less
         self.tok, self.ex = None, llguidance.LLExecutor()  # tokenizer: built on first use (~1 s)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-grammar")
         self.compile = functools.lru_cache(CACHED)(self._compile)  # by text; a refusal is not cached

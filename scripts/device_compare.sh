@@ -16,6 +16,8 @@
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
 #   fp8       W1 and W2 with --kv-cache-dtype fp8_e4m3
+#   structured  W1 plain and W1 with 10 % of its requests JSON-schema constrained, one after the other
+#             (target: within 5 %), and benchmarks/structured.py (host time per constrained row)
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -98,6 +100,9 @@ print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close(
       grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
     fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
+    structured) bench "w1 plain" --workload w1 --model $Q06
+        bench "w1 10% constrained" --workload w1 --model $Q06 --constrained-frac 0.1
+        run "structured host cost" structured.log python3 benchmarks/structured.py --json "$LOGS/structured.jsonl" ;;
     *) log "unknown stage $s" ;;
   esac
 done

@@ -115,6 +115,16 @@ def test_free_rows_unchanged_by_constrained_ones(embedded, llm_check):
     jsonschema.validate(json.loads(mixed[0].text), SCHEMAS[0])
 
 
+def test_permissive_constraint_changes_nothing(embedded, llm_check):
+    """A regex that allows any text leaves the greedy tokens as they are: the mask step only masks."""
+    llm_check(embedded)
+    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Count to ten in words.")]
+    free = embedded.chat(chats, SamplingParams(max_tokens=30, temperature=0))
+    masked = embedded.chat(chats, SamplingParams(max_tokens=30, temperature=0, regex=r"(.|\n)*"))
+    assert [o.token_ids for o in masked] == [o.token_ids for o in free]
+    assert free[0].text == "The capital of France is Paris."
+
+
 def test_length_stop_strings_and_overlap(embedded, llm_check):
     llm_check(embedded)
     out = embedded.generate("x", SamplingParams(max_tokens=5, temperature=0, regex="a{40}"))

@@ -38,8 +38,8 @@ class Req:
     t_last: float = 0.0
 
     def __post_init__(self) -> None:
-        # the opening tokens that requests sharing a prompt prefix have in common
         self.matcher = self.matcher and self.matcher.deep_copy()
+        # the opening tokens that requests sharing a prompt prefix have in common
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
 
     @property

@@ -205,3 +205,12 @@ def test_native_protocol(server):
     for k in ("bad", "two", "type"):
         assert ends[k]["type"] == "error" and ends[k]["code"] == "invalid_request", ends[k]
     assert "unclosed" in ends["bad"]["message"] and "at most one" in ends["two"]["message"]
+
+
+def test_tensor_parallel(embedded):
+    """tp=3: rank 0 masks and samples (the other ranks' samples are replaced by its broadcast)."""
+    p = [SamplingParams(max_tokens=40, temperature=0, json_schema=SCHEMAS[6]),
+         SamplingParams(max_tokens=12, temperature=0)]
+    ref = [o.token_ids for o in embedded.chat([ASK, ASK], p)]
+    with LLM(tp=3, dtype="float32", device="cpu", kv_cache_tokens=1024) as llm:
+        assert [o.token_ids for o in llm.chat([ASK, ASK], p)] == ref

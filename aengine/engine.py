@@ -16,6 +16,7 @@ from aengine.config import EngineConfig
 from aengine.models import model_class
 from aengine.runtime.executor import Executor
 from aengine.runtime.runner import ModelRunner
+from aengine.scheduler.grammar import Grammars
 from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
 from aengine.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ class AsyncEngine:
             else:
                 self.executor = Executor(ModelRunner(cfg, self.hf_config, self.path))
             self.tokenizer, t_tok = tok.result()
+        self.grammars = Grammars(self.tokenizer.hf, self.hf_config.vocab_size, min(self.tokenizer.eos_ids))
         self.runner: ModelRunner = self.executor.runner
         self.max_model_len = self.runner.max_model_len
         log.info("engine ready in %.1f s (the tokenizer, loaded meanwhile, took %.1f s)",
@@ -86,7 +88,7 @@ class AsyncEngine:
             return
         r = self.runner
         self.scheduler = Scheduler(self.cfg, self.executor, self.tokenizer.eos_ids, page_size=r.page_size,
-                                   num_pages=r.num_pages, max_model_len=r.max_model_len)
+                                   num_pages=r.num_pages, max_model_len=r.max_model_len, grammars=self.grammars)
         self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
 
     @property
@@ -158,7 +160,8 @@ class AsyncEngine:
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
         """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
         carrying the finish reason and the RequestOutput (with n > 1: a last one per completion,
-        told apart by `index`; copy i > 0 of a seeded request draws with a seed derived from it)."""
+        told apart by `index`; copy i > 0 of a seeded request draws with a seed derived from it).
+        Await grammars.prepare(params) first (else a grammar compiles here, on the loop)."""
         if self.scheduler is None or self.task is None:
             raise RuntimeError("engine not started")
         if self.task.done():
@@ -182,11 +185,12 @@ class AsyncEngine:
                     raise InvalidRequest(f"{name} holds {t}, outside the vocabulary")
         if rid in self.scheduler.by_id:
             raise InvalidRequest(f"request id {rid!r} is already running")
+        grammar = params.constraint and self.grammars.compile(params.constraint)
         group = []
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else \
                 dataclasses.replace(params, seed=hash((params.seed, i)) & (2**63 - 1))
-            group.append(Req(rid, prompt_ids, p, self.tokenizer.detokenizer(p.stop_list), emit, max_tokens,
+            group.append(Req(rid, prompt_ids, p, self.tokenizer.detokenizer(p.stop_list), emit, max_tokens, grammar,
                              index=i, logprobs=None if p.logprobs is None else []))
             group[i].group = group if params.n > 1 else []
         self.scheduler.add(group[0])

@@ -74,6 +74,7 @@ class LLM:
 
         rids = []
         try:
+            await asyncio.gather(*(self.engine.grammars.prepare(p) for p in params))
             for ids, p in zip(prompt_ids, params):
                 rid = f"llm-{next(self._ids)}"
                 self.engine.submit(rid, ids, p, emit)

@@ -3,6 +3,7 @@ produces (deltas while it runs, one RequestOutput when it ends), engine statisti
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ class SamplingParams:
     # tokens in the prompt or the output
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # end-of-sequence and stop token ids are masked before this many tokens
+    # structured output, at most one: a JSON Schema, a regex the output matches, EBNF, any JSON object
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json: bool = False
 
     def validate(self) -> None:
         bad = InvalidRequest
@@ -89,6 +95,18 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0 \
                 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        if not (isinstance(self.json_schema, (dict, str, type(None))) and isinstance(self.json, bool)
+                and {type(self.regex), type(self.grammar)} <= {str, type(None)}):
+            raise bad("json_schema must be an object or a string, regex and grammar strings, json a boolean")
+        if sum(x is not None for x in (self.json_schema, self.regex, self.grammar)) + self.json > 1:
+            raise bad("give at most one of json_schema, regex, grammar, json")
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint, if any: the grammar cache's key."""
+        s = {"type": "object"} if self.json else self.json_schema
+        return ("json_schema", s if isinstance(s, str) else json.dumps(s)) if s is not None else \
+            next(((k, v) for k, v in (("regex", self.regex), ("grammar", self.grammar)) if v is not None), None)
 
     @property
     def stop_list(self) -> list[str]:

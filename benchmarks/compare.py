@@ -46,6 +46,8 @@ def label(r: dict[str, Any]) -> str:
         parts.append("no-cache")
     if not r.get("cuda_graphs", True):
         parts.append("no-graphs")
+    if r.get("constrained"):
+        parts.append(f"{r['constrained']} constrained")
     return "aengine " + " ".join(parts)
 
 

@@ -37,22 +37,32 @@ def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int])
     return prompts, max_tokens
 
 
-def params(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)
+# --constrained-frac: that share of W1's requests get this schema. At least 200 items, of 10-30
+# tokens each, so the grammar stays open (masks of a live matcher) up to every request's max_tokens
+W1_SCHEMA = {"type": "array", "minItems": 200, "items": {
+    "type": "object", "required": ["name", "value"], "additionalProperties": False,
+    "properties": {"name": {"type": "string", "maxLength": 16}, "value": {"type": "integer"}}}}
+
+
+def params(max_tokens: int, schema: dict | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, json_schema=schema)
 
 
 def run_w1(llm: LLM, args: argparse.Namespace) -> dict:
     prompts, max_tokens = w1_requests(args.num_prompts, args.input_len, args.output_len)
-    # warm-up: first-use kernel compiles and allocator growth stay out of the timing
+    chosen = set(random.Random(1).sample(range(len(prompts)), round(args.constrained_frac * len(prompts))))
+    # warm-up: first-use kernel compiles and allocator growth stay out of the timing (and the
+    # grammar engine's tokenizer and the schema's compile, with --constrained-frac)
     n = min(4, len(prompts))
-    llm.generate([p[:64] for p in prompts[:n]], [params(8) for _ in range(n)])
+    llm.generate([p[:64] for p in prompts[:n]], [params(8, W1_SCHEMA if chosen and i == 0 else None) for i in range(n)])
     llm.clear_cache()
     t = time.perf_counter()
-    outs = llm.generate(prompts, [params(m) for m in max_tokens], use_tqdm=not args.no_progress)
+    outs = llm.generate(prompts, [params(m, W1_SCHEMA if i in chosen else None) for i, m in enumerate(max_tokens)],
+                        use_tqdm=not args.no_progress)
     dt = time.perf_counter() - t
     n_out = sum(len(o.token_ids) for o in outs)
     return {"output_tokens": n_out, "prompt_tokens": sum(map(len, prompts)), "seconds": dt,
-            "tok_per_s": n_out / dt}
+            "tok_per_s": n_out / dt, "constrained": len(chosen)}
 
 
 def run_w2(llm: LLM, args: argparse.Namespace) -> dict:
@@ -117,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=pair, default=(100, 1024), help="W1 prompt length range lo,hi")
     ap.add_argument("--output-len", type=pair, default=(100, 1024), help="W1 max_tokens range lo,hi")
+    ap.add_argument("--constrained-frac", type=float, default=0.0,
+                    help="W1: this share of the requests is constrained by a JSON schema (structured output)")
     ap.add_argument("--w2-prompt-len", type=int, default=128)
     ap.add_argument("--w2-output-len", type=int, default=512)
     ap.add_argument("--w2-ttft-len", type=int, default=1024)

@@ -49,7 +49,7 @@ class StubExecutor:
         self.step_s = step_ms / 1e3
         self.log: list[tuple[bool, int, float, float]] = []
 
-    def launch(self, inp: StepInput) -> tuple[list[int], float]:
+    def launch(self, inp: StepInput, masked: bool = False) -> tuple[list[int], float]:
         now = time.perf_counter()
         self.log.append((inp.decode, len(inp.slots), now, time.thread_time()))
         n = len(inp.sample_rows)

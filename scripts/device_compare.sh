@@ -19,6 +19,8 @@
 #   moe       the MoE GPU tests (flashinfer kernels compiled first, in parallel)
 #   w1-moe, w1-moe-tp2   W1 on the Qwen3-30B-A3B shape (dummy weights) at tp=1, at tp=2 (2 GPUs);
 #             figures in moe.jsonl (in logs.tgz), not in figures.jsonl
+#   structured  W1 plain and W1 with 10 % of its requests JSON-schema constrained, one after the other
+#             (target: within 5 %), and benchmarks/structured.py (host time per constrained row)
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -124,6 +126,9 @@ pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
         --json "$LOGS/moe.jsonl" --workload w1 --model $MOE --tp $tp ;;
     fp8) bench "w1 fp8" --workload w1 --model $Q06 --kv-cache-dtype fp8_e4m3
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
+    structured) bench "w1 plain" --workload w1 --model $Q06
+        bench "w1 10% constrained" --workload w1 --model $Q06 --constrained-frac 0.1
+        run "structured host cost" structured.log python3 benchmarks/structured.py --json "$LOGS/structured.jsonl" ;;
     *) log "unknown stage $s" ;;
   esac
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the developer machine (with network), from the project root: download what a GPU machine
 # without network lacks into ignored folders, which a device run then carries along:
-#   .whl/   flashinfer-python, apache-tvm-ffi, websockets, msgspec, ninja, gguf, aiohttp and its
+#   .whl/   flashinfer-python, apache-tvm-ffi, websockets, msgspec, ninja, gguf, llguidance, aiohttp and its
 #           dependencies (multidict, yarl, propcache, frozenlist, aiosignal, aiohappyeyeballs,
 #           attrs, idna)                                                        (~15 MB)
 #   .fa4a/  flash-attn-4 and its CuTe DSL runtime, part 1                      (~54 MB)
@@ -19,7 +19,7 @@ dl() {  # dl DIR PKG==VER...   wheels for the device's CPython 3.12 on x86-64 Li
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 \
     -d "$dir" "$@"
 }
-dl .whl flashinfer-python==0.6.6 apache-tvm-ffi==0.1.15.post2 websockets==17.4 msgspec==0.22.0 ninja==1.13.2 gguf==0.19.0 \
+dl .whl flashinfer-python==0.6.6 apache-tvm-ffi==0.1.15.post2 websockets==17.4 msgspec==0.22.0 ninja==1.13.2 gguf==0.19.0 llguidance==1.6.1 \
   aiohttp==3.14.5 multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 frozenlist==1.8.0 aiosignal==1.4.0 \
   aiohappyeyeballs==2.7.1 attrs==26.1.0 idna==3.20  # typing_extensions comes with torch
 if [ "${1:-}" != "--no-fa4" ]; then

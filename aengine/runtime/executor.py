@@ -36,17 +36,20 @@ class Executor:
         self.cuda = runner.device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-step")
 
-    def _run(self, inp: StepInput) -> list[int]:
+    def _run(self, inp: StepInput, masked: bool = False) -> list[int] | tuple:
         self.before_step(inp)
-        return self.runner.step(inp).tolist()
+        return self.runner.forward(inp) if masked else self.runner.step(inp).tolist()
 
     def before_step(self, inp: StepInput) -> None:
         """Called just before each step runs here (TP: send it to the other ranks)."""
 
-    def launch(self, inp: StepInput) -> Pending:
+    def launch(self, inp: StepInput, masked: bool = False) -> Pending:
+        """masked: launch only the forward; sample() launches the sampling once the masks are filled."""
         if not self.cuda:
-            return Pending(fut=self.pool.submit(self._run, inp))
+            return Pending(fut=self.pool.submit(self._run, inp, masked))
         try:
+            if masked:
+                return Pending(ids=self._run(inp, True))  # the forward's outputs, until sample()
             self.before_step(inp)
             ids = self.runner.step(inp).to("cpu", non_blocking=True)
         except _DEVICE_ERRORS as e:
@@ -54,6 +57,15 @@ class Executor:
         event = torch.cuda.Event()
         event.record()
         return Pending(ids=ids, event=event)
+
+    def sample(self, p: Pending, inp: StepInput, masks: tuple[list[int], torch.Tensor]) -> None:
+        """A masked step's sampling, queued behind its forward (on the device or the step thread)."""
+        if not self.cuda:
+            p.fut = self.pool.submit(lambda f=p.fut: self.runner.sample(inp, *f.result(), masks).tolist())
+            return
+        p.ids = self.runner.sample(inp, *p.ids, masks).to("cpu", non_blocking=True)  # a device error: the engine stops
+        p.event = torch.cuda.Event()
+        p.event.record()
 
     async def result(self, p: Pending) -> list[int]:
         try:

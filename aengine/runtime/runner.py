@@ -16,6 +16,7 @@ from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
 from aengine.models import model_class
 from aengine.runtime.cuda_graph import CudaGraphs
+from aengine.runtime.mask import apply_token_masks
 from aengine.runtime.sampler import SamplingTensors, process_logits, sample, with_logprobs
 from aengine.runtime.step import StepInput
 from aengine.weights import load_weights
@@ -145,8 +146,11 @@ class ModelRunner:
             flat = flat.pin_memory().to(self.device, non_blocking=True)
         return list(flat.split(sizes))
 
-    @torch.inference_mode()
     def step(self, inp: StepInput) -> torch.Tensor:
+        return self.sample(inp, *self.forward(inp))
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         ps = self.page_size
         ext = np.asarray(inp.extend_lens, dtype=np.int64)
         seq = np.asarray(inp.seq_lens, dtype=np.int64)
@@ -179,7 +183,14 @@ class ModelRunner:
             backend.prepare(fb)
             with forward_context(backend):
                 hidden = self.model(input_ids, pos)
-        logits = process_logits(self.model.logits(hidden[fb.sample_idx]), inp, self.last_tok, d_sslots)
+        # penalties and bias go with the forward; a grammar's masks (filled on the host meanwhile) after
+        return process_logits(self.model.logits(hidden[fb.sample_idx]), inp, self.last_tok, d_sslots), d_sslots
+
+    @torch.inference_mode()
+    def sample(self, inp: StepInput, logits: torch.Tensor, d_sslots: torch.Tensor, masks: tuple | None = None) \
+            -> torch.Tensor:
+        if masks is not None:
+            apply_token_masks(logits, *masks)
         ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
             self.last_tok[d_sslots.long()] = ids

@@ -20,6 +20,7 @@ class Req:
     detok: Detokenizer
     emit: EmitFn
     max_tokens: int  # resolved against the context length
+    matcher: object | None = None  # scheduler/grammar.py; each Req (and copy) advances its own copy
     output_ids: list[int] = field(default_factory=list)
     # KV state
     slot: int = 0  # 0: none
@@ -41,6 +42,7 @@ class Req:
     logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:
+        self.matcher = self.matcher and self.matcher.deep_copy()
         # the opening tokens that requests sharing a prompt prefix have in common
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
         p = self.params  # whether its rows need batch.py's logit processing: one check per step if not

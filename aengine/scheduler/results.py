@@ -25,6 +25,7 @@ def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> s
         req.t_first = t
     req.t_last = t
     req.output_ids.append(tok)
+    req.matcher and req.matcher.consume_token(tok)
     p = req.params
     if (tok in eos_ids and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids):
         return "stop"

@@ -23,6 +23,7 @@ from aengine.runtime.executor import Executor, Pending, StepFault
 from aengine.runtime.step import StepInput
 from aengine.scheduler.batch import build_step
 from aengine.scheduler.decode import DecodePlanner
+from aengine.scheduler.grammar import Grammars
 from aengine.scheduler.kv import KVManager
 from aengine.scheduler.prefill import PrefillPlanner
 from aengine.scheduler.request import Req
@@ -38,8 +39,8 @@ MAX_CONSECUTIVE_FAULTS = 3
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, executor: Executor, eos_ids: set[int], *, page_size: int,
-                 num_pages: int, max_model_len: int) -> None:
-        self.cfg = cfg
+                 num_pages: int, max_model_len: int, grammars: Grammars | None = None) -> None:
+        self.cfg, self.grammars = cfg, grammars
         self.ex = executor
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -104,11 +105,12 @@ class Scheduler:
                 if self._stopping and not self.by_id and inflight is None:
                     return
                 batch = self._schedule(can_retract=inflight is None)
-                launched = None
+                launched, masked = None, []
                 if batch is not None:
                     inp, reqs = batch
+                    masked = [i for i, r in enumerate(inp.sample_rows) if reqs[r].matcher is not None]
                     try:
-                        launched = (inp, reqs, self.ex.launch(inp))
+                        launched = (inp, reqs, self.ex.launch(inp, bool(masked)))
                     except Exception as e:  # CUDA: the forward is launched on this thread
                         self._step_failed(reqs, e)
                 processed = inflight is not None
@@ -117,6 +119,9 @@ class Scheduler:
                     # A result that was ready returns without yielding; yield anyway, so that the
                     # sessions' flush callbacks send this step's deltas now, not with the next ones
                     await asyncio.sleep(0)
+                if launched is not None and masked:  # its masks need the tokens just processed
+                    self.ex.sample(launched[2], inp, (masked, self.grammars.masks([reqs[inp.sample_rows[i]]
+                                                                                   for i in masked])))
                 inflight = launched
                 if inflight is not None and not overlap:
                     await self._process(*inflight)

@@ -43,6 +43,10 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    json_schema: dict | str | None = None  # structured output: at most one of these four
+    regex: str | None = None
+    grammar: str | None = None  # EBNF: GBNF or Lark syntax
+    json: bool = False  # any JSON object
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):

@@ -191,11 +191,13 @@ class Session:
             # The tokenizer (a chat template, a long prompt) may take a while: off the loop. Several
             # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
             ids = await asyncio.get_running_loop().run_in_executor(self.server.tok_pool, self._encode, g, msgs)
+            params = self._params(g, len(ids))
+            await self.engine.grammars.prepare(params)  # compiles off the loop (cached by its text)
             if st.cancelled or self.closed:
                 self.live.pop(st.id, None)
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
                 return
-            self.engine.submit(st.rid, ids, self._params(g, len(ids)), lambda d: self._emit(st, d))
+            self.engine.submit(st.rid, ids, params, lambda d: self._emit(st, d))
             st.submitted = True
             st.t_submit = time.monotonic()
         except EngineError as e:
@@ -218,7 +220,8 @@ class Session:
                               stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, n=g.n,
                               logprobs=g.logprobs, presence_penalty=g.presence_penalty,
                               frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
-                              logit_bias=g.logit_bias, min_tokens=g.min_tokens)
+                              logit_bias=g.logit_bias, min_tokens=g.min_tokens, json_schema=g.json_schema,
+                              regex=g.regex, grammar=g.grammar, json=g.json)
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)

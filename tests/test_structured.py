@@ -207,6 +207,27 @@ def test_native_protocol(server):
     assert "unclosed" in ends["bad"]["message"] and "at most one" in ends["two"]["message"]
 
 
+def test_openai_response_format(server):
+    """OpenAI's response_format (chat) and text.format (Responses) through the official SDK."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.http + "/v1", api_key="none", max_retries=0)
+    chat = client.chat.completions.create
+    r = chat(model="SmolLM2-135M-Instruct", messages=ASK, max_tokens=100, temperature=1, seed=1,
+             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[11]}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[11])
+    r = chat(model="SmolLM2-135M-Instruct", messages=ASK, max_tokens=100, response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.responses.create(model="SmolLM2-135M-Instruct", input="A cat as JSON:", max_output_tokens=100,
+                                text={"format": {"type": "json_schema", "name": "s", "schema": SCHEMAS[11]}})
+    jsonschema.validate(json.loads(r.output_text), SCHEMAS[11])
+    with pytest.raises(openai.BadRequestError, match="invalid json_schema"):
+        chat(model="SmolLM2-135M-Instruct", messages=ASK, max_tokens=5,
+             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}})
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        chat(model="SmolLM2-135M-Instruct", messages=ASK, response_format={"type": "grammar"})
+
+
 def test_tensor_parallel(embedded):
     """tp=3: rank 0 masks and samples (the other ranks' samples are replaced by its broadcast)."""
     p = [SamplingParams(max_tokens=40, temperature=0, json_schema=SCHEMAS[6]),

@@ -133,9 +133,12 @@ class OpenAI:
 
     def _params(self, r: Sampling, n_prompt: int) -> SamplingParams:
         """The one place where an OpenAI request becomes the engine's SamplingParams."""
-        fmt = r.response_format or ((r.text or {}).get("format") if isinstance(r, ResponsesRequest) else None)
-        if fmt and fmt.get("type") != "text":  # structured output (json_schema, ...) maps onto the engine here
-            raise ApiError(400, f"response format {fmt.get('type')!r} is not supported", "unsupported")
+        fmt = r.response_format or ((r.text or {}).get("format") if isinstance(r, ResponsesRequest) else None) or {}
+        kind = fmt.get("type", "text")
+        spec = fmt.get("json_schema", fmt) if kind == "json_schema" else {}  # chat nests it; Responses does not
+        if kind not in ("text", "json_object", "json_schema") or (kind == "json_schema" and "schema" not in spec):
+            raise ApiError(400, f"response format {kind!r} is not supported (text, json_object, json_schema "
+                                "with a schema)", "invalid_request")
         max_tokens, logprobs = r.max_tokens, getattr(r, "top_logprobs", None)
         if isinstance(r, ChatRequest):
             max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (logprobs or 0) if r.logprobs else None
@@ -150,7 +153,7 @@ class OpenAI:
             top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, seed=r.seed, stop=r.stop, stop_token_ids=r.stop_token_ids,
             ignore_eos=r.ignore_eos, n=r.n, logprobs=logprobs, presence_penalty=r.presence_penalty,
             frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=r.logit_bias,
-            min_tokens=r.min_tokens)
+            min_tokens=r.min_tokens, json=kind == "json_object", json_schema=spec.get("schema"))
 
     async def _submit(self, r: Sampling) -> Job:
         srv, eng = self.server, self.engine
@@ -175,7 +178,9 @@ class OpenAI:
             eng.check_size(prompt, msgs, ids)
             ids = await asyncio.get_running_loop().run_in_executor(srv.tok_pool, eng.encode, prompt, msgs, ids)
             job = Job(f"oa{next(self._ids)}", r.n)
-            eng.submit(job.rid, ids, self._params(r, len(ids)), job.q.put_nowait)
+            params = self._params(r, len(ids))
+            await eng.grammars.prepare(params)  # a response_format's grammar compiles off the loop
+            eng.submit(job.rid, ids, params, job.q.put_nowait)
         except EngineError as e:
             raise ApiError(400, str(e), e.code) from None
         except ValueError as e:  # a max_tokens over the server's limit, a tokenizer without a chat template

@@ -14,24 +14,20 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy
     tokenizer: str | None = None  # defaults to the model directory
     seed: int = 0  # seeds dummy weights and unseeded sampling
-    # KV cache
     page_size: int = 0  # 0: chosen per attention backend
     num_pages: int = 0  # 0: derived from kv_cache_tokens (CPU) or gpu_memory_utilization (CUDA)
     kv_cache_tokens: int = 32768  # CPU default pool size in tokens
     gpu_memory_utilization: float = 0.85
     cache: str = "radix"  # radix | none
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3 (scales from the checkpoint, else 1.0)
-    # scheduling
     max_running_requests: int = 256
     max_prefill_tokens: int = 8192  # prompt tokens per step (chunked prefill budget)
     max_prefill_tokens_decoding: int = 0  # the budget while running requests wait to decode (0: the same)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     disable_overlap: bool = False
     enable_mixed_chunk: bool = False  # decode rows ride along in prefill steps instead of alternating
-    # kernels
     attn: str = "auto"  # torch | fi | fa, or "prefill,decode" such as "fa,fi"
     cuda_graph_max_bs: int = 256  # 0 disables CUDA graphs
-    # parallelism
     tp: int = 1
     nnodes: int = 1
     node_rank: int = 0

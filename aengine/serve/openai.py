@@ -17,6 +17,8 @@ from aiohttp import WSMsgType, web
 from aengine.serve.session import Host, capped_max_tokens
 from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
 
+SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}  # server-sent events
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
@@ -136,13 +138,11 @@ class OpenAI:
         fmt = r.response_format or ((r.text or {}).get("format") if isinstance(r, ResponsesRequest) else None)
         if fmt and fmt.get("type") != "text":  # structured output (json_schema, ...) maps onto the engine here
             raise ApiError(400, f"response format {fmt.get('type')!r} is not supported", "unsupported")
-        max_tokens, logprobs = r.max_tokens, getattr(r, "top_logprobs", None)
+        # max_tokens and logprobs under each endpoint's names
+        max_tokens = getattr(r, "max_completion_tokens", None) or getattr(r, "max_output_tokens", None) or r.max_tokens
+        logprobs = r.logprobs if isinstance(r, CompletionRequest) else getattr(r, "top_logprobs", None)
         if isinstance(r, ChatRequest):
-            max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (logprobs or 0) if r.logprobs else None
-        elif isinstance(r, CompletionRequest):
-            logprobs = r.logprobs
-        elif isinstance(r, ResponsesRequest):
-            max_tokens = r.max_output_tokens or r.max_tokens
+            logprobs = (logprobs or 0) if r.logprobs else None
         if any(not 0 <= t < self.engine.hf_config.vocab_size for t in r.logit_bias or {}):
             raise ApiError(400, "logit_bias holds a token id outside the vocabulary", "invalid_request")
         return SamplingParams(
@@ -212,8 +212,7 @@ class OpenAI:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
-            r = _decode(body, kind)
-            job = await self._submit(r)
+            job = await self._submit(r := _decode(body, kind))
             return await (self._responses if isinstance(r, ResponsesRequest) else self._completions)(request, r, job)
         except ApiError as e:
             return web.json_response({"error": e.body()}, status=e.status)
@@ -245,7 +244,8 @@ class OpenAI:
             choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
                        for i in sorted(job.done)]
             return web.json_response({**head, "choices": choices, "usage": job.usage()})
-        resp, usage = await _sse(request), (r.stream_options or {}).get("include_usage", False)
+        await (resp := web.StreamResponse(headers=SSE)).prepare(request)
+        usage = (r.stream_options or {}).get("include_usage", False)
         head |= {"usage": None} if usage else {}
         try:
             while len(job.done) < job.n:
@@ -260,15 +260,14 @@ class OpenAI:
         return resp
 
     async def _responses(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
-        resp, events = await _sse(request) if r.stream else None, []
-
-        async def send(e: dict) -> None:
-            if resp is None:
-                return events.append(e)
-            await resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
-
-        await self._respond(r, job, send)
-        return resp or web.json_response(events[-1]["response"])
+        if not r.stream:
+            events: list[dict] = []
+            await self._respond(r, job, lambda e: asyncio.sleep(0, events.append(e)))
+            return web.json_response(events[-1]["response"])
+        await (resp := web.StreamResponse(headers=SSE)).prepare(request)
+        await self._respond(r, job, lambda e: resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(),
+                                                                                       msgspec.json.encode(e))))
+        return resp
 
     async def _respond(self, r: ResponsesRequest, job: Job, send: Callable[[dict], Awaitable[None]]) -> None:
         """Runs one response to its end as the events of OpenAI's Responses streaming."""
@@ -316,7 +315,6 @@ class OpenAI:
         tasks: set[asyncio.Task] = set()
         running: dict[str, tuple[str | None, Job]] = {}  # response id -> (lane, job)
         seq = itertools.count()
-
         send = lambda e: ws.send_frame(msgspec.json.encode(e), WSMsgType.TEXT)
 
         async def fail(e: ApiError, lane: str | None) -> None:  # the SDK reads code/message; OpenAI nests them
@@ -332,7 +330,7 @@ class OpenAI:
                     await self._respond(r, job, send)
                 except ApiError as e:
                     await fail(e, r.stream_id)
-                except ConnectionError:
+                except ConnectionError:  # the socket closed mid-response
                     pass
                 finally:
                     if job is not None:  # cancelled with the socket too: _end aborts the request
@@ -360,8 +358,3 @@ class OpenAI:
             for t in tasks:
                 t.cancel()
 
-
-async def _sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    return resp

@@ -1,6 +1,5 @@
 """CLI: python -m aengine [--host H] [--port P] [--model M] [engine options]. Every EngineConfig and
-ServerConfig field is a flag, generated from the dataclasses so that a new knob cannot be
-forgotten here; HELP documents them."""
+ServerConfig field is a flag, generated from the dataclasses so that none is forgotten; HELP documents them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim], in the
-model dtype or float8_e4m3fn with one k_scale and one v_scale per layer (why: docs/gpu.md, FP8 KV
-cache); without checkpoint scales every scale is 1.0."""
+"""The paged KV pool: per layer K and V [num_pages, page_size, kv_heads, head_dim], in the model dtype or
+float8_e4m3fn with a k_scale and v_scale per layer, 1.0 without checkpoint scales (docs/gpu.md, FP8 KV)."""
 
 from __future__ import annotations
 
@@ -33,10 +32,8 @@ def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class KVPool:
-    def __init__(
-        self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None,
-    ) -> None:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None) -> None:
         self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
         self.fp8 = dtype == FP8
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
@@ -58,8 +55,7 @@ class KVPool:
             raise ValueError(f"{len(sc)} KV scale pairs for {num_layers} layers")
         if not self.fp8:
             sc = [(1.0, 1.0)] * num_layers  # a 16/32-bit cache stores K and V as they are
-        self.k_scale = [float(k) for k, _ in sc]
-        self.v_scale = [float(v) for _, v in sc]
+        self.k_scale, self.v_scale = [float(k) for k, _ in sc], [float(v) for _, v in sc]
         self.inv_scales = (1.0 / torch.tensor(sc, dtype=torch.float64)).float().to(device).view(num_layers, 2)
 
     @staticmethod

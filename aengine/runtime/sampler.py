@@ -1,6 +1,5 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p. A seeded row draws its noise from a
-generator seeded by (seed, position), so its tokens do not depend on what else is in the batch.
-Plain temperature sampling on CUDA is one Triton pass, Gumbel-max (docs/gpu.md)."""
+"""Sampling: greedy, temperature, top-k, top-p, min-p; a seeded row's noise comes from (seed, position), not
+the batch. Plain temperature sampling on CUDA is one Triton Gumbel-max pass (docs/gpu.md)."""
 
 from __future__ import annotations
 

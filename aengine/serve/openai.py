@@ -5,10 +5,11 @@ and /v1/responses over HTTP (JSON or server-sent events), and the Responses WebS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -152,7 +153,8 @@ class OpenAI:
             frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=r.logit_bias,
             min_tokens=r.min_tokens)
 
-    async def _submit(self, r: Sampling) -> Job:
+    @contextlib.asynccontextmanager
+    async def _submit(self, r: Sampling) -> AsyncIterator[Job]:
         srv, eng = self.server, self.engine
         if r.model not in (None, eng.model_name):
             raise ApiError(404, f"the model {r.model!r} does not exist; this server serves {eng.model_name!r}",
@@ -183,14 +185,14 @@ class OpenAI:
         finally:
             srv.tokenizing -= 1
         self.live += 1
-        return job
-
-    def _end(self, job: Job) -> None:
-        self.live -= 1
-        if len(job.done) < job.n:  # the client went away, or a write failed: free its KV within a step
-            self.engine.abort(job.rid)
-        for d in job.done.values():
-            self.server.metrics.finished(d.finish_reason or "error")
+        try:
+            yield job
+        finally:
+            self.live -= 1
+            if len(job.done) < job.n:  # the client went away, or a write failed: free its KV within a step
+                self.engine.abort(job.rid)
+            for d in job.done.values():
+                self.server.metrics.finished(d.finish_reason or "error")
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
         one = lambda t, lp: {"token": (s := self.engine.tokenizer.hf.decode([t])), "logprob": lp,
@@ -198,7 +200,6 @@ class OpenAI:
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 
     async def http(self, request: web.Request) -> web.StreamResponse:
-        job = None
         try:
             if request.path == "/v1/models":
                 card = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "aengine",
@@ -212,15 +213,13 @@ class OpenAI:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
-            job = await self._submit(r := _decode(body, kind))
-            return await (self._responses if isinstance(r, ResponsesRequest) else self._completions)(request, r, job)
+            run = self._responses if kind is ResponsesRequest else self._completions
+            async with self._submit(r := _decode(body, kind)) as job:  # the request in the engine while it runs
+                return await run(request, r, job)
         except ApiError as e:
             return web.json_response({"error": e.body()}, status=e.status)
-        except ConnectionError:  # the client went away mid-stream: _end aborts the request
+        except ConnectionError:  # the client went away mid-stream: _submit aborts the request
             return web.Response()
-        finally:
-            if job is not None:
-                self._end(job)
 
     def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob], finish: str | None,
                 chunk: bool) -> dict:
@@ -323,19 +322,17 @@ class OpenAI:
 
         async def run(r: WsCreate) -> None:
             async with lanes[r.stream_id]:
-                job = None
                 try:
-                    job = await self._submit(r)
-                    running[f"resp_{job.rid}"] = (r.stream_id, job)
-                    await self._respond(r, job, send)
+                    async with self._submit(r) as job:  # cancelled with the socket too: it aborts the request
+                        running[rid := f"resp_{job.rid}"] = (r.stream_id, job)
+                        try:
+                            await self._respond(r, job, send)
+                        finally:
+                            running.pop(rid)
                 except ApiError as e:
                     await fail(e, r.stream_id)
                 except ConnectionError:  # the socket closed mid-response
                     pass
-                finally:
-                    if job is not None:  # cancelled with the socket too: _end aborts the request
-                        running.pop(f"resp_{job.rid}")
-                        self._end(job)
 
         try:
             async for msg in ws:

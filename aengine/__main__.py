@@ -1,5 +1,5 @@
 """CLI: python -m aengine [--host H] [--port P] [--model M] [engine options]. Every EngineConfig and
-ServerConfig field is a flag, generated from the dataclasses so that none is forgotten; HELP documents them."""
+ServerConfig field is a flag, generated from the dataclasses (help text included) so that none is forgotten."""
 
 from __future__ import annotations
 
@@ -14,48 +14,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from aengine.config import EngineConfig, ServerConfig
 
-HELP = {
-    # engine
-    "model": "HF model dir, .gguf file, or config.json dir with --load-format dummy (default: embedded SmolLM2-135M)",
-    "dtype": "weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
-    "device": "auto (cuda when available, else cpu), cpu, cuda, cuda:N",
-    "load_format": "auto (from the files) or dummy (random weights from config.json, for benchmarks)",
-    "tokenizer": "tokenizer directory (default: the model directory)",
-    "seed": "seed for dummy weights and for requests that give no seed",
-    "page_size": "tokens per KV page (0: chosen per attention backend)",
-    "num_pages": "KV pages in the pool (0: from --kv-cache-tokens on CPU, --gpu-memory-utilization on CUDA)",
-    "kv_cache_tokens": "KV pool size in tokens on CPU",
-    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV pool",
-    "cache": "prefix cache: radix (share KV of common prefixes) or none",
-    "kv_cache_dtype": "KV storage: auto (model dtype) or fp8_e4m3/fp8 (2x tokens; checkpoint k/v scales, else 1.0)",
-    "max_running_requests": "most requests in the running batch",
-    "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
-    "max_prefill_tokens_decoding": "the same while requests wait to decode; bounds their ITL (0: --max-prefill-tokens)",
-    "max_model_len": "context length in tokens (0: the model's max_position_embeddings)",
-    "disable_overlap": "run one batch at a time instead of launching batch N+1 before processing batch N",
-    "enable_mixed_chunk": "decode running requests inside prefill steps (steadier ITL; such steps skip CUDA graphs)",
-    "attn": "attention backend: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi",
-    "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph (0: no CUDA graphs)",
-    "tp": "tensor-parallel degree (GPUs per model replica)",
-    "nnodes": "number of nodes for multi-node tensor parallelism",
-    "node_rank": "this node's rank for multi-node tensor parallelism",
-    "dist_init_addr": "host:port of rank 0 for multi-node tensor parallelism",
-    # server
-    "host": "address to listen on (loopback by default; 0.0.0.0 exposes the server)",
-    "port": "TCP port for WebSocket, /health and /metrics",
-    "api_key": "require this key (Authorization: Bearer KEY, or subprotocol bearer.KEY); default: $AENGINE_API_KEY",
-    "allowed_origins": "accepted Origin headers for browser clients (default: any); repeat or comma-separate",
-    "max_frame_bytes": "largest accepted client frame in bytes",
-    "max_requests_per_connection": "most live requests on one connection",
-    "max_connections": "most open WebSocket connections",
-    "max_waiting_requests": "queue length at which new requests are refused with overloaded",
-    "max_waiting_bytes": "bytes of generate frames not yet queued (being tokenized) past which requests get overloaded",
-    "max_waiting_bytes_per_connection": "the same budget for one connection",
-    "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
-    "send_buffer_bytes": "unsent bytes a connection may hold; past it its requests are aborted and it is closed",
-    "debug_state": "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)",
-    "drain_seconds": "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled",
-}
 CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"], "kv_cache_dtype": ["auto", "fp8_e4m3", "fp8"]}
 
 
@@ -67,12 +25,12 @@ def _base_type(tp: Any) -> Any:  # int for `int | None`, list for `list[str]`
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
-    hints = get_type_hints(cls)
+    hints, docs = get_type_hints(cls), get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        doc = HELP.get(f.name, f.name.replace("_", " "))
+        doc = docs[f.name].__metadata__[0]
         if tp is bool:
             group.add_argument(flag, action="store_true", help=doc)
         elif tp is list:

@@ -75,10 +75,8 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m aengine",
-        description="Serve a model over WebSocket (protocol v1, docs/protocol.md) with GET /health and "
-                    "/metrics on the same port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
+    p = _Parser(prog="python -m aengine", description="Serve a model over WebSocket (protocol v1, docs/protocol.md) "
+                "with GET /health and /metrics on one port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
     _add_fields(p, ServerConfig, "server")
     _add_fields(p, EngineConfig, "engine")
     p.add_argument("--shell", action="store_true",
@@ -94,10 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     _check(p, ns)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pick = lambda cls: {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
-    server_kw = pick(ServerConfig)
-    origins = server_kw.pop("allowed_origins") or []
-    server_kw["api_key"] = server_kw["api_key"] or os.environ.get("AENGINE_API_KEY") or None
-    server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
+    server_cfg = ServerConfig(**pick(ServerConfig) | {
+        "api_key": ns.api_key or os.environ.get("AENGINE_API_KEY") or None,
+        "allowed_origins": [o for x in ns.allowed_origins or [] for o in x.split(",") if o]})
     engine_cfg = EngineConfig(**pick(EngineConfig))
     if engine_cfg.node_rank > 0:  # multi-node TP: other nodes run only their ranks; node 0 serves
         from aengine.tp.launch import run_worker_node

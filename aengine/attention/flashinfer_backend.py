@@ -64,9 +64,8 @@ class FlashInferBackend(AttentionBackend):
 
     def _plan(self, wrapper: object, fb: ForwardBatch) -> None:
         qo, kv_indptr, last, indices = self._pages(fb)
-        # plan writes its schedule into a pinned buffer and copies it up asynchronously; with
-        # overlap the previous step's copy may still be queued, so let it drain first (by now
-        # it almost always has: the step before that one has been awaited)
+        # plan copies its schedule up from a pinned buffer asynchronously; with overlap the previous step's
+        # copy may still be queued: let it drain first (it almost always has: the step before was awaited)
         if self.planned is not None:
             self.planned.synchronize()
         dt = dict(q_data_type=self.q_dtype, kv_data_type=self.pool.k.dtype)

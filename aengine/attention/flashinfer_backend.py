@@ -1,7 +1,5 @@
-"""FlashInfer paged attention: one prefill and one decode wrapper, planned once per step and
-shared by every layer; decode graphs get a wrapper per batch-size bucket over fixed buffers. The
-pool's [pages, page_size, kv_heads, head_dim] K and V are flashinfer's "NHD" layout as they are.
-FP8 KV, and XQA decode on Hopper: docs/gpu.md."""
+"""FlashInfer paged attention: prefill and decode wrappers planned once per step for every layer, one per
+graph bucket; the pool is flashinfer's "NHD" layout as it is. FP8 KV and XQA decode: docs/gpu.md."""
 
 from __future__ import annotations
 
@@ -34,8 +32,7 @@ class FlashInferBackend(AttentionBackend):
         # tensor-core decode (the prefill kernel with one query row) wins once a KV head serves
         # 4+ query heads; below that the CUDA-core decode kernel is as fast
         self.tensor_cores = num_heads // self.kv_heads >= 4
-        self.prefill_w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend=PREFILL_KERNEL)
+        self.prefill_w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=PREFILL_KERNEL)
         self.decode_w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores)
         self.graph_w: dict[int, object] = {}
@@ -67,9 +64,8 @@ class FlashInferBackend(AttentionBackend):
 
     def _plan(self, wrapper: object, fb: ForwardBatch) -> None:
         qo, kv_indptr, last, indices = self._pages(fb)
-        # plan writes its schedule into a pinned buffer and copies it up asynchronously; with
-        # overlap the previous step's copy may still be queued, so let it drain first (by now
-        # it almost always has: the step before that one has been awaited)
+        # plan copies its schedule up from a pinned buffer asynchronously; with overlap the previous step's
+        # copy may still be queued: let it drain first (it almost always has: the step before was awaited)
         if self.planned is not None:
             self.planned.synchronize()
         dt = dict(q_data_type=self.q_dtype, kv_data_type=self.pool.k.dtype)

@@ -1,6 +1,5 @@
-"""Reference attention in plain torch (CPU and CUDA): gather each sequence's K/V from its pages
-(dequantized to the query's dtype when the cache is FP8) and run SDPA with a causal mask offset
-by the cached prefix. Slow and obviously right."""
+"""Reference attention in plain torch: gather each sequence's K/V from its pages (dequantized if FP8), SDPA
+with a causal mask offset by the cached prefix. Slow and obviously right."""
 
 from __future__ import annotations
 

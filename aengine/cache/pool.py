@@ -1,6 +1,5 @@
-"""The paged KV pool: per layer, K and V as [num_pages, page_size, kv_heads, head_dim], in the
-model dtype or float8_e4m3fn with one k_scale and one v_scale per layer (why: docs/gpu.md, FP8 KV
-cache); without checkpoint scales every scale is 1.0."""
+"""The paged KV pool: per layer K and V [num_pages, page_size, kv_heads, head_dim], in the model dtype or
+float8_e4m3fn with a k_scale and v_scale per layer, 1.0 without checkpoint scales (docs/gpu.md, FP8 KV)."""
 
 from __future__ import annotations
 
@@ -33,33 +32,27 @@ def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class KVPool:
-    def __init__(
-        self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None,
-    ) -> None:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None) -> None:
         self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
         self.fp8 = dtype == FP8
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        # Zeroed on the GPU (a memset, cheap): kernels that load a whole page tile must not meet
-        # NaN/Inf bit patterns in its unwritten slots. On the CPU only written slots are read, and
-        # zeroing gigabytes there costs seconds at start-up.
+        # zeroed on the GPU (a cheap memset): kernels loading whole page tiles must not meet NaN/Inf in
+        # unwritten slots; the CPU reads only written slots, and zeroing gigabytes there takes seconds
         alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
-        # FP8 storage is allocated as bytes and viewed as float8: every op that moves FP8 rows
-        # (the zero fill, the scatter in store, the gather in read) runs on the uint8 view, which
-        # every torch build supports on every device
+        # FP8 is allocated as bytes and viewed as float8: every op moving FP8 rows (zero fill, store's
+        # scatter, read's gather) runs on the uint8 view, which every torch build supports everywhere
         store = torch.uint8 if self.fp8 else dtype
         self.k = alloc(shape, dtype=store, device=device).view(dtype)
         self.v = alloc(shape, dtype=store, device=device).view(dtype)
-        # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write a
-        # [layers, 2] fp32 tensor of their reciprocals (read on the device: nothing on the host
-        # changes under a captured graph)
+        # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write, a [layers, 2]
+        # fp32 tensor of reciprocals (read on the device: nothing on the host changes under a captured graph)
         sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
         if len(sc) != num_layers:
             raise ValueError(f"{len(sc)} KV scale pairs for {num_layers} layers")
         if not self.fp8:
             sc = [(1.0, 1.0)] * num_layers  # a 16/32-bit cache stores K and V as they are
-        self.k_scale = [float(k) for k, _ in sc]
-        self.v_scale = [float(v) for _, v in sc]
+        self.k_scale, self.v_scale = [float(k) for k, _ in sc], [float(v) for _, v in sc]
         self.inv_scales = (1.0 / torch.tensor(sc, dtype=torch.float64)).float().to(device).view(num_layers, 2)
 
     @staticmethod

@@ -48,9 +48,8 @@ class RadixCache:
         return upper
 
     def _walk(self, tokens: list[int], touch: bool = True) -> tuple[Node, list[int], int]:
-        """Follow tokens down the tree; (deepest node fully matched, its path's pages, tokens matched).
-        touch=False changes nothing (no split, no LRU refresh), for estimates about requests that
-        may not be admitted; the node and pages then stop before a partly matched edge."""
+        """Follow tokens down: (deepest node fully matched, its path's pages, tokens matched). touch=False
+        changes nothing (no split or LRU refresh; node and pages stop before a partly matched edge)."""
         node, pages, i, now = self.root, [], 0, time.monotonic()
         limit = len(tokens) - len(tokens) % self.ps
         tokens = tokens[:limit]
@@ -79,9 +78,8 @@ class RadixCache:
         return pages, node
 
     def insert(self, tokens: list[int], pages: list[int]) -> tuple[list[int], Node]:
-        """Cache the page-aligned prefix of tokens with the given pages. Returns the pages the tree
-        now holds for that prefix (where they differ from `pages`, the caller's are duplicates)
-        and the last node."""
+        """Cache the page-aligned prefix of tokens with `pages`; returns the tree's pages for it (where
+        they differ from `pages`, the caller's are duplicates) and the last node."""
         node, have, i = self._walk(tokens)
         limit = len(tokens) - len(tokens) % self.ps
         if i < limit:

@@ -32,5 +32,4 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = all_gather_last_dim(F.linear(h, self.weight))
-        return out[..., : self.vocab]
+        return all_gather_last_dim(F.linear(h, self.weight))[..., : self.vocab]

@@ -1,6 +1,5 @@
-"""flashinfer's fused kernels for half-precision CUDA tensors, or None so that callers fall back to
-torch (fp32 stays plain torch, the reference); and SiLU-and-mul. AENGINE_NO_FUSED=1 turns them off
-(to measure what they buy, or to rule them out)."""
+"""flashinfer's fused kernels for half-precision CUDA tensors, or None: callers fall back to torch (fp32, the
+reference); and SiLU-and-mul. AENGINE_NO_FUSED=1 turns them off (to measure or rule them out)."""
 
 from __future__ import annotations
 

@@ -53,8 +53,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id == 0:
             return _shard(w, 0, tp().rank, tp().size)
         # rank r serves KV head r * n_kv // size (replicated when size > n_kv)
-        first = tp().rank * self.n_kv_heads // tp().size if tp().size > self.n_kv_heads else \
-            tp().rank * self.n_kv_local
+        first = tp().rank * self.n_kv_heads // tp().size if tp().size > self.n_kv_heads else tp().rank * self.n_kv_local
         return w.narrow(0, first * self.head_dim, self.n_kv_local * self.head_dim)
 
 

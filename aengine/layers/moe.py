@@ -1,8 +1,5 @@
-"""Mixture-of-experts MLP (Qwen3-MoE): a softmax router picks each token's top-k experts, whose
-SwiGLU outputs are summed weighted by the router's probabilities (renormalized over the top k
-when norm_topk_prob). Under TP every rank holds a slice of every expert's intermediate dim.
-On CUDA in half precision: two grouped GEMMs, no host syncs (docs/gpu.md); elsewhere a loop over
-the experts, the reference."""
+"""Mixture-of-experts MLP (Qwen3-MoE): top-k softmax router, SwiGLU experts sliced by TP (docs/tp.md).
+CUDA half precision: two grouped GEMMs, no host syncs (docs/gpu.md); elsewhere an expert loop, the reference."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""One Triton kernel for what sits between the QKV projection and attention: the per-head RMSNorm
-of q and k (Qwen3), rotary embedding, and the write of k and v into the paged KV pool (quantized
-as cache/pool.py:quantize does, for an FP8 pool). Why, what it replaced, and what it needs:
-docs/gpu.md. CUDA half precision only: fp32 and the CPU keep the torch path, the reference."""
+"""One Triton kernel from the QKV projection to attention: q/k RMSNorm (Qwen3), rotary, and the KV pool
+write (quantized as cache/pool.py:quantize for FP8). Why and what it needs: docs/gpu.md. CUDA half only."""
 
 from __future__ import annotations
 

@@ -124,8 +124,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+        return self.norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)  # the model's dtype: the sampler widens only where it must
@@ -137,15 +136,13 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (self.tied and name == "lm_head.weight"):
                 continue
-            if m := KV_SCALE.match(name):
-                self._load_kv_scale(int(m[1] or m[3]), m[2] or f"{m[4]}_scale", w)
-                continue
-            if m := EXPERT.match(name):
-                modules[m[1]].load(m[3], w, int(m[2]))
-                continue
             mod_name, _, kind = name.rpartition(".")
             parent, _, leaf = mod_name.rpartition(".")
-            if leaf in self.stacked:
+            if m := KV_SCALE.match(name):
+                self._load_kv_scale(int(m[1] or m[3]), m[2] or f"{m[4]}_scale", w)
+            elif m := EXPERT.match(name):
+                modules[m[1]].load(m[3], w, int(m[2]))
+            elif leaf in self.stacked:
                 target, shard = self.stacked[leaf]
                 modules[f"{parent}.{target}"].load(kind, w, shard)
             elif hasattr(modules.get(mod_name), "load"):

@@ -1,6 +1,5 @@
-"""CUDA graphs for decode steps: one per batch-size bucket, captured at start-up, replayed over
-static input buffers; padded rows write to the scratch page 0 (docs/gpu.md). The ids come from
-the runner's last_tok on the device, so overlap scheduling keeps working."""
+"""CUDA graphs for decode: one per batch-size bucket over static buffers, padded rows writing to scratch page 0
+(docs/gpu.md); the ids come from the runner's last_tok on the device, so overlap scheduling keeps working."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p. A seeded row draws its noise from a
-generator seeded by (seed, position), so its tokens do not depend on what else is in the batch.
-Plain temperature sampling on CUDA is one Triton pass, Gumbel-max (docs/gpu.md)."""
+"""Sampling: greedy, temperature, top-k, top-p, min-p; a seeded row's noise comes from (seed, position), not
+the batch. Plain temperature sampling on CUDA is one Triton Gumbel-max pass (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -119,8 +118,7 @@ def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy:
     return (drawn if greedy is None else torch.where(st.temperature > 0, drawn.long(), greedy)).int()
 
 
-def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor,
-                   slots: torch.Tensor) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Penalties, logit_bias and min_tokens of the rows that ask, in a few batched kernels (rows
     that do not keep their logits). last_tok[slots[row]]: a sampled row's token in flight. Runs
     right before sampling; a grammar mask would sit beside it."""
@@ -150,7 +148,5 @@ def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor,
 
 def with_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     """[S, 2 + 2k] float32: per row the sampled id, its logprob, the k most likely ids, theirs."""
-    lp = torch.log_softmax(logits.float(), -1)
-    top = lp.topk(k, -1)
-    return torch.cat([ids.float().unsqueeze(1), lp.gather(1, ids.long().unsqueeze(1)), top.indices.float(),
-                      top.values], 1)
+    top = (lp := torch.log_softmax(logits.float(), -1)).topk(k, -1)
+    return torch.cat([ids.float()[:, None], lp.gather(1, ids.long()[:, None]), top.indices.float(), top.values], 1)

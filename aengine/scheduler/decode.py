@@ -50,9 +50,7 @@ class DecodePlanner:
         """Preempt: its KV goes back (its computed prefix stays in the tree) and it waits first in line."""
         self.kv.release(victim)
         self.free_slots.append(victim.slot)
-        victim.slot = 0
-        victim.fill_ids = victim.all_ids
-        victim.kv_len = 0
+        victim.slot, victim.fill_ids, victim.kv_len = 0, victim.all_ids, 0
         self.running.remove(victim)
         self.waiting.appendleft(victim)
         self.stats.preemptions += 1

@@ -98,13 +98,11 @@ class KVManager:
     def check(self, running: list[Req], idle: bool) -> list[str]:
         """Every page is free, held by a running request, or held by the radix tree, exactly once."""
         pages, problems = self.tree.check() if self.tree is not None else ([], [])
-        owned = set(pages)
-        for r in running:
-            owned.update(r.pages)
+        owned = set(pages).union(*(r.pages for r in running))
         free = self.alloc.free_pages()
         if len(pages) != len(set(pages)) or owned & set(free) or len(set(free)) != len(free):
             problems.append("a page is held twice, or held and free")
         if idle and len(owned) + len(free) != self.alloc.capacity:
-            problems.append(f"idle, but {self.alloc.capacity - len(owned) - len(free)} pages are neither free "
-                            "nor cached")
+            lost = self.alloc.capacity - len(owned) - len(free)
+            problems.append(f"idle, but {lost} pages are neither free nor cached")
         return problems

@@ -19,9 +19,8 @@ class PrefillPlanner:
         self.stats, self.max_running = stats, max_running
 
     def plan(self, decoding: list[Req], budget: int) -> list[tuple[Req, int]] | None:
-        """(request, tokens) rows of a prefill step of `budget` tokens: `decoding` requests first (a
-        mixed step), one token each, then chunks of running prompts, then newly admitted ones.
-        None: no prompt fits."""
+        """(request, tokens) rows of a prefill step of `budget` tokens: `decoding` requests first (a mixed
+        step), one token each, then chunks of running prompts, then newly admitted ones; None: none fits."""
         budget -= len(decoding)
         chosen: list[tuple[Req, int]] = [(r, 1) for r in decoding]
         reserve = sum(1 for r in self.running if not r.prefilling)  # next decode step's pages
@@ -32,9 +31,8 @@ class PrefillPlanner:
             if n:
                 chosen.append((req, n))
                 budget -= n
-        # Prompts whose opening is being computed right now but is not in the tree yet: a waiting
-        # request that starts the same way waits a step and then reuses that KV (many requests
-        # arriving at once with one system prompt would otherwise all compute it).
+        # a waiting prompt whose opening another is computing right now waits a step, then reuses
+        # that KV instead of computing it again (docs/architecture.md)
         pending = {r.prefix_key for r in self.running if r.tree_len < PREFIX_KEY} if self.kv.tree else set()
         i = 0
         while i < len(self.waiting) and budget > 0:

@@ -54,11 +54,9 @@ class Metrics:
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
+        if info["generation"] == 2 and phase == "start":
             self._gc_t0 = time.perf_counter()
-        else:
+        elif info["generation"] == 2:
             self.gc_pause.observe(time.perf_counter() - self._gc_t0)
 
     def close(self) -> None:
@@ -70,7 +68,7 @@ class Metrics:
 
     def render(self, engine: AsyncEngine) -> str:
         st = engine.stats()
-        gauges = [
+        rows = [  # a name ending in _total is a counter, the rest are gauges
             ("aengine_requests_running", "Requests admitted to the batch.", st.running),
             ("aengine_requests_waiting", "Requests queued for admission.", st.waiting),
             ("aengine_connections", "Open WebSocket connections.", self.connections),
@@ -78,8 +76,6 @@ class Metrics:
             ("aengine_kv_pages_free", "KV pages on the free list.", st.pages_free),
             ("aengine_kv_pages_cached", "KV pages held only by the prefix cache (evictable).", st.pages_cached),
             ("aengine_kv_pages_total", "KV pool capacity in pages.", st.pages_total),
-        ]
-        counters = [
             ("aengine_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.", st.cache_hit_tokens),
             ("aengine_prefill_tokens_total", "Prompt tokens computed.", st.prefill_tokens),
             ("aengine_generated_tokens_total", "Tokens generated.", st.generated_tokens),
@@ -89,10 +85,8 @@ class Metrics:
              self.slow_closes),
             ("aengine_cache_evicted_pages_total", "KV pages evicted from the prefix cache.", st.pages_evicted),
         ]
-        out: list[str] = []
-        for kind, rows in (("gauge", gauges), ("counter", counters)):
-            for name, help, v in rows:
-                out += family(kind, name, help, f"{name} {v}")
+        out = [x for name, help, v in rows
+               for x in family("counter" if name.endswith("_total") else "gauge", name, help, f"{name} {v}")]
         # what the KV pool stores and how much: a label on an info gauge, as Prometheus does for versions
         r = getattr(engine, "runner", None)
         if r is not None and hasattr(r, "kv_cache_dtype"):

@@ -5,10 +5,11 @@ and /v1/responses over HTTP (JSON or server-sent events), and the Responses WebS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -16,6 +17,8 @@ from aiohttp import WSMsgType, web
 
 from aengine.serve.session import Host, capped_max_tokens
 from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
+
+SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}  # server-sent events
 
 
 class ApiError(Exception):
@@ -139,13 +142,11 @@ class OpenAI:
         if kind not in ("text", "json_object", "json_schema") or (kind == "json_schema" and "schema" not in spec):
             raise ApiError(400, f"response format {kind!r} is not supported (text, json_object, json_schema "
                                 "with a schema)", "invalid_request")
-        max_tokens, logprobs = r.max_tokens, getattr(r, "top_logprobs", None)
+        # max_tokens and logprobs under each endpoint's names
+        max_tokens = getattr(r, "max_completion_tokens", None) or getattr(r, "max_output_tokens", None) or r.max_tokens
+        logprobs = r.logprobs if isinstance(r, CompletionRequest) else getattr(r, "top_logprobs", None)
         if isinstance(r, ChatRequest):
-            max_tokens, logprobs = r.max_completion_tokens or r.max_tokens, (logprobs or 0) if r.logprobs else None
-        elif isinstance(r, CompletionRequest):
-            logprobs = r.logprobs
-        elif isinstance(r, ResponsesRequest):
-            max_tokens = r.max_output_tokens or r.max_tokens
+            logprobs = (logprobs or 0) if r.logprobs else None
         if any(not 0 <= t < self.engine.hf_config.vocab_size for t in r.logit_bias or {}):
             raise ApiError(400, "logit_bias holds a token id outside the vocabulary", "invalid_request")
         return SamplingParams(
@@ -155,7 +156,8 @@ class OpenAI:
             frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=r.logit_bias,
             min_tokens=r.min_tokens, json=kind == "json_object", json_schema=spec.get("schema"))
 
-    async def _submit(self, r: Sampling) -> Job:
+    @contextlib.asynccontextmanager
+    async def _submit(self, r: Sampling) -> AsyncIterator[Job]:
         srv, eng = self.server, self.engine
         if r.model not in (None, eng.model_name):
             raise ApiError(404, f"the model {r.model!r} does not exist; this server serves {eng.model_name!r}",
@@ -188,14 +190,14 @@ class OpenAI:
         finally:
             srv.tokenizing -= 1
         self.live += 1
-        return job
-
-    def _end(self, job: Job) -> None:
-        self.live -= 1
-        if len(job.done) < job.n:  # the client went away, or a write failed: free its KV within a step
-            self.engine.abort(job.rid)
-        for d in job.done.values():
-            self.server.metrics.finished(d.finish_reason or "error")
+        try:
+            yield job
+        finally:
+            self.live -= 1
+            if len(job.done) < job.n:  # the client went away, or a write failed: free its KV within a step
+                self.engine.abort(job.rid)
+            for d in job.done.values():
+                self.server.metrics.finished(d.finish_reason or "error")
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
         one = lambda t, lp: {"token": (s := self.engine.tokenizer.hf.decode([t])), "logprob": lp,
@@ -203,7 +205,6 @@ class OpenAI:
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 
     async def http(self, request: web.Request) -> web.StreamResponse:
-        job = None
         try:
             if request.path == "/v1/models":
                 card = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "aengine",
@@ -217,16 +218,13 @@ class OpenAI:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
-            r = _decode(body, kind)
-            job = await self._submit(r)
-            return await (self._responses if isinstance(r, ResponsesRequest) else self._completions)(request, r, job)
+            run = self._responses if kind is ResponsesRequest else self._completions
+            async with self._submit(r := _decode(body, kind)) as job:  # the request in the engine while it runs
+                return await run(request, r, job)
         except ApiError as e:
             return web.json_response({"error": e.body()}, status=e.status)
-        except ConnectionError:  # the client went away mid-stream: _end aborts the request
+        except ConnectionError:  # the client went away mid-stream: _submit aborts the request
             return web.Response()
-        finally:
-            if job is not None:
-                self._end(job)
 
     def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob], finish: str | None,
                 chunk: bool) -> dict:
@@ -250,7 +248,8 @@ class OpenAI:
             choices = [self._choice(r, i, "".join(job.text[i]), job.logprobs[i], job.done[i].finish_reason, False)
                        for i in sorted(job.done)]
             return web.json_response({**head, "choices": choices, "usage": job.usage()})
-        resp, usage = await _sse(request), (r.stream_options or {}).get("include_usage", False)
+        await (resp := web.StreamResponse(headers=SSE)).prepare(request)
+        usage = (r.stream_options or {}).get("include_usage", False)
         head |= {"usage": None} if usage else {}
         try:
             while len(job.done) < job.n:
@@ -265,15 +264,14 @@ class OpenAI:
         return resp
 
     async def _responses(self, request: web.Request, r: ResponsesRequest, job: Job) -> web.StreamResponse:
-        resp, events = await _sse(request) if r.stream else None, []
-
-        async def send(e: dict) -> None:
-            if resp is None:
-                return events.append(e)
-            await resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), msgspec.json.encode(e)))
-
-        await self._respond(r, job, send)
-        return resp or web.json_response(events[-1]["response"])
+        if not r.stream:  # collect the events (sleep(0, x): an awaitable for send); the last holds the response
+            events: list[dict] = []
+            await self._respond(r, job, lambda e: asyncio.sleep(0, events.append(e)))
+            return web.json_response(events[-1]["response"])
+        await (resp := web.StreamResponse(headers=SSE)).prepare(request)
+        await self._respond(r, job, lambda e: resp.write(b"event: %s\ndata: %s\n\n" % (e["type"].encode(),
+                                                                                       msgspec.json.encode(e))))
+        return resp
 
     async def _respond(self, r: ResponsesRequest, job: Job, send: Callable[[dict], Awaitable[None]]) -> None:
         """Runs one response to its end as the events of OpenAI's Responses streaming."""
@@ -321,7 +319,6 @@ class OpenAI:
         tasks: set[asyncio.Task] = set()
         running: dict[str, tuple[str | None, Job]] = {}  # response id -> (lane, job)
         seq = itertools.count()
-
         send = lambda e: ws.send_frame(msgspec.json.encode(e), WSMsgType.TEXT)
 
         async def fail(e: ApiError, lane: str | None) -> None:  # the SDK reads code/message; OpenAI nests them
@@ -330,19 +327,17 @@ class OpenAI:
 
         async def run(r: WsCreate) -> None:
             async with lanes[r.stream_id]:
-                job = None
                 try:
-                    job = await self._submit(r)
-                    running[f"resp_{job.rid}"] = (r.stream_id, job)
-                    await self._respond(r, job, send)
+                    async with self._submit(r) as job:  # cancelled with the socket too: it aborts the request
+                        running[rid := f"resp_{job.rid}"] = (r.stream_id, job)
+                        try:
+                            await self._respond(r, job, send)
+                        finally:
+                            running.pop(rid)
                 except ApiError as e:
                     await fail(e, r.stream_id)
-                except ConnectionError:
+                except ConnectionError:  # the socket closed mid-response
                     pass
-                finally:
-                    if job is not None:  # cancelled with the socket too: _end aborts the request
-                        running.pop(f"resp_{job.rid}")
-                        self._end(job)
 
         try:
             async for msg in ws:
@@ -365,8 +360,3 @@ class OpenAI:
             for t in tasks:
                 t.cancel()
 
-
-async def _sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    return resp

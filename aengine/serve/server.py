@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -39,8 +40,7 @@ class Server:
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
         self.sockets: set[web.WebSocketResponse] = set()  # every open WebSocket, both protocols
-        self.draining = False
-        self.failed = False
+        self.draining = self.failed = False
         self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
         self.tokenizing_bytes = 0  # their generate frames' bytes
         # niced (per thread on Linux): with more tokenizer threads than cores the loop still gets a core at once
@@ -70,9 +70,7 @@ class Server:
             state = debug_state(self.engine, len(self.sockets)) | {"tokenizing_bytes": self.tokenizing_bytes}
             return web.json_response(state)
         if not self._authorized(request):  # refused before any session exists
-            r = _refuse(api, 401, "a valid API key is required")
-            r.headers["WWW-Authenticate"] = "Bearer"
-            return r
+            return _refuse(api, 401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
         if api and not upgrade:
             return await self.openai.http(request)
         if not upgrade:
@@ -130,14 +128,11 @@ class Server:
         """Serve until SIGINT/SIGTERM (or an engine fault); returns the process exit status."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        signals = 0
 
         def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            stop.set()
-            if signals > 1:  # a second Ctrl-C: stop draining
+            if stop.is_set():  # a second Ctrl-C: stop draining
                 self.cfg.drain_seconds = 0.0
+            stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
@@ -152,8 +147,7 @@ class Server:
                  self.cfg.port)
         if exposed_without_key(self.cfg):
             log.warning("listening on %s without --api-key: anyone who can reach it can use it", self.cfg.host)
-        await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task],
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), self.engine.task], return_when=asyncio.FIRST_COMPLETED)
         if self.engine.task.done():  # scheduler fault: its state is not trusted, so say so and exit
             for sess in self.sessions:
                 sess.error(None, "internal", "the engine failed and cannot continue; the server is exiting")
@@ -172,9 +166,7 @@ class Server:
         deadline = time.monotonic() + self.cfg.drain_seconds
         log.info("draining %d requests", self.engine.stats().requests)
         busy = lambda: any(s.live for s in self.sessions) or self.openai.live
-        while busy() and time.monotonic() < deadline and self.cfg.drain_seconds > 0:
-            if self.engine.task.done():
-                break
+        while busy() and time.monotonic() < deadline and self.cfg.drain_seconds > 0 and not self.engine.task.done():
             await asyncio.sleep(0.05)
         faulted = self.engine.task.done()  # the clients were told already
         try:
@@ -188,11 +180,11 @@ class Server:
         await asyncio.gather(*(s.flush(1.0) for s in list(self.sessions)))
 
 
-def _refuse(api: bool, status: int, message: str) -> web.Response:
+def _refuse(api: bool, status: int, message: str, **kw: Any) -> web.Response:
     """A refusal before any request exists: OpenAI's error body under /v1/, a plain line elsewhere."""
     if api:
-        return web.json_response({"error": ApiError(status, message).body()}, status=status)
-    return web.Response(status=status, text=message + "\n")
+        return web.json_response({"error": ApiError(status, message).body()}, status=status, **kw)
+    return web.Response(status=status, text=message + "\n", **kw)
 
 
 def exposed_without_key(cfg: ServerConfig) -> bool:
@@ -221,9 +213,7 @@ def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
         print(f"aengine: error: {e}", file=sys.stderr)
         return 2
     try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
+        from uvloop import run
+    except ImportError:  # Windows
+        from asyncio import run
     return run(Server(engine, server_cfg, sock).run())

@@ -117,9 +117,8 @@ def end_groups(runner: ModelRunner, sync: bool = True, abort: bool = True, wait_
 
 
 def _rendezvous(init_method: str, rank: int, world: int, procs: list[Any] | tuple) -> dist.TCPStore:
-    """The store every rank joins. Rank 0 waits for all of them while watching the ranks it spawned,
-    so one that dies before joining (an import error, a script without a __main__ guard) is an
-    error at once instead of a wait for the whole timeout."""
+    """The store every rank joins. Rank 0 waits for all while watching the ranks it spawned: one that dies
+    before joining (an import error, no __main__ guard) is an error at once, not a wait for the timeout."""
     host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
     store = dist.TCPStore(host.strip("[]"), int(port), world, is_master=rank == 0, timeout=TP_TIMEOUT,
                           wait_for_workers=False)

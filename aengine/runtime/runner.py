@@ -38,9 +38,12 @@ def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def attn_names(cfg: EngineConfig, device: torch.device) -> tuple[str, str]:
-    spec = cfg.attn if cfg.attn != "auto" else ("fi" if device.type == "cuda" else "torch")
-    parts = spec.split(",")
+def attn_names(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    # flashinfer has no float32 kernels: a float32 model on CUDA attends with torch by default
+    fi = device.type == "cuda" and dtype != torch.float32
+    parts = (cfg.attn if cfg.attn != "auto" else ("fi" if fi else "torch")).split(",")
+    if dtype == torch.float32 and "fi" in parts:
+        raise ValueError("--attn fi needs --dtype bfloat16 or float16: flashinfer has no float32 kernels")
     return parts[0], parts[-1]
 
 
@@ -54,7 +57,7 @@ class ModelRunner:
         self.cfg, self.hf = cfg, hf_config
         self.device, self.dtype = resolve_device_dtype(cfg)
         self.kv_dtype = kv_dtype(cfg.kv_cache_dtype, self.dtype)
-        prefill_attn, decode_attn = attn_names(cfg, self.device)
+        prefill_attn, decode_attn = attn_names(cfg, self.device, self.dtype)
         check_kv_dtype((prefill_attn, decode_attn), self.kv_dtype)  # before the weights load: fail fast
         # attention here sees the whole context: a sliding window (Mistral) caps the context instead
         window = getattr(hf_config, "sliding_window", None) or 1 << 62

@@ -113,6 +113,9 @@ class SamplingParams:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+SAMPLING_FIELDS = tuple(SamplingParams.__dataclass_fields__)  # the wire types copy these by name
+
+
 @dataclass(slots=True)
 class TokenLogprob:
     """The log-probability of one generated token (from the distribution after penalties and

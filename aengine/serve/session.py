@@ -31,7 +31,7 @@ from aengine.serve.protocol import (
     encode,
 )
 from aengine.tokenizer import StopMatcher
-from aengine.types import MAX_STOPS, EngineError, RequestDelta, SamplingParams
+from aengine.types import MAX_STOPS, SAMPLING_FIELDS, EngineError, RequestDelta, SamplingParams
 
 log = logging.getLogger("aengine")
 # glibc keeps what tokenizer threads freed (+470 MiB RSS after big prompts, benchmarks/rss_burst.py)
@@ -215,13 +215,8 @@ class Session:
         return self.engine.encode(g.prompt, msgs, g.input_ids)
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
-        return SamplingParams(max_tokens=capped_max_tokens(self.server, g.max_tokens, n_prompt),
-                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, seed=g.seed,
-                              stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, n=g.n,
-                              logprobs=g.logprobs, presence_penalty=g.presence_penalty,
-                              frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
-                              logit_bias=g.logit_bias, min_tokens=g.min_tokens, json_schema=g.json_schema,
-                              regex=g.regex, grammar=g.grammar, json=g.json)
+        return SamplingParams(**{**{k: getattr(g, k) for k in SAMPLING_FIELDS},
+                                 "max_tokens": capped_max_tokens(self.server, g.max_tokens, n_prompt)})
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)

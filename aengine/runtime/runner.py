@@ -27,15 +27,12 @@ DEFAULT_PAGE = {"torch": 1, "fi": 1, "fa": 128}
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, cfg.dtype))
-    return device, dtype
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, auto if cfg.dtype == "auto" else \
+        getattr(torch, {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, cfg.dtype))
 
 
 def attn_names(cfg: EngineConfig, device: torch.device) -> tuple[str, str]:

@@ -106,8 +106,7 @@ class Scheduler:
                         launched = (inp, reqs, self.ex.launch(inp, bool(masked)))
                     except Exception as e:  # CUDA: the forward is launched on this thread
                         self._step_failed(reqs, e)
-                processed = inflight is not None
-                if inflight is not None:
+                if processed := inflight is not None:
                     await self._process(*inflight)
                     # A result that was ready returns without yielding; yield anyway, so that the
                     # sessions' flush callbacks send this step's deltas now, not with the next ones

@@ -54,7 +54,7 @@ class AsyncEngine:
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
         # the tokenizer loads (mostly imports: seconds) in a thread while the model loads
         with ThreadPoolExecutor(1, thread_name_prefix="aengine-tok-load") as pool:
-            tok = pool.submit(self._load_tokenizer, tok_path)
+            tok = pool.submit(lambda t=time.perf_counter(): (Tokenizer(tok_path), time.perf_counter() - t))
             self.executor = executor if executor is not None else start_tp(cfg, self.hf_config, self.path) \
                 if cfg.tp > 1 or cfg.nnodes > 1 else Executor(ModelRunner(cfg, self.hf_config, self.path))
             self.tokenizer, t_tok = tok.result()
@@ -65,11 +65,6 @@ class AsyncEngine:
                  time.perf_counter() - t0, t_tok)
         self.scheduler: Scheduler | None = None
         self.task: asyncio.Task | None = None
-
-    @staticmethod
-    def _load_tokenizer(path: Path) -> tuple[Tokenizer, float]:
-        t = time.perf_counter()
-        return Tokenizer(path), time.perf_counter() - t
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:

@@ -21,14 +21,7 @@ from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
 from aengine.tokenizer import Tokenizer
 from aengine.tp.launch import start_tp
-from aengine.types import (
-    ContextLengthExceeded,
-    EmitFn,
-    EngineStats,
-    InvalidRequest,
-    RequestDelta,
-    SamplingParams,
-)
+from aengine.types import ContextLengthExceeded, EmitFn, EngineStats, InvalidRequest, RequestDelta, SamplingParams
 from aengine.weights import has_tokenizer, load_hf_config, resolve_model
 
 log = logging.getLogger("aengine")
@@ -61,13 +54,9 @@ class AsyncEngine:
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
         # the tokenizer loads (mostly imports: seconds) in a thread while the model loads
         with ThreadPoolExecutor(1, thread_name_prefix="aengine-tok-load") as pool:
-            tok = pool.submit(self._load_tokenizer, tok_path)
-            if executor is not None:
-                self.executor = executor
-            elif cfg.tp > 1 or cfg.nnodes > 1:
-                self.executor = start_tp(cfg, self.hf_config, self.path)
-            else:
-                self.executor = Executor(ModelRunner(cfg, self.hf_config, self.path))
+            tok = pool.submit(lambda t=time.perf_counter(): (Tokenizer(tok_path), time.perf_counter() - t))
+            self.executor = executor if executor is not None else start_tp(cfg, self.hf_config, self.path) \
+                if cfg.tp > 1 or cfg.nnodes > 1 else Executor(ModelRunner(cfg, self.hf_config, self.path))
             self.tokenizer, t_tok = tok.result()
         self.grammars = Grammars(self.tokenizer.hf, self.hf_config.vocab_size, min(self.tokenizer.eos_ids))
         self.runner: ModelRunner = self.executor.runner
@@ -76,11 +65,6 @@ class AsyncEngine:
                  time.perf_counter() - t0, t_tok)
         self.scheduler: Scheduler | None = None
         self.task: asyncio.Task | None = None
-
-    @staticmethod
-    def _load_tokenizer(path: Path) -> tuple[Tokenizer, float]:
-        t = time.perf_counter()
-        return Tokenizer(path), time.perf_counter() - t
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,18 +96,15 @@ class AsyncEngine:
                input_ids: list[int] | None = None) -> list[int]:
         """Token ids of exactly one of prompt / messages / input_ids (may take a while: call it
         off the event loop for long inputs)."""
-        given = [x is not None for x in (prompt, messages, input_ids)]
-        if sum(given) != 1:
+        if sum(x is not None for x in (prompt, messages, input_ids)) != 1:
             raise InvalidRequest("give exactly one of prompt, messages, input_ids")
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InvalidRequest("prompt must be a string")
             ids = self.tokenizer.encode(prompt)
         elif messages is not None:
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            ):
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(
+                    m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
                 raise InvalidRequest("messages must be a non-empty list of {role, content} strings")
             ids = self.tokenizer.apply_chat_template(messages)
         else:
@@ -169,16 +150,12 @@ class AsyncEngine:
         params.validate()
         n, limit = len(prompt_ids), self.max_model_len
         if n >= limit:
+            raise ContextLengthExceeded(f"the prompt has {n} tokens; this engine's context is {limit} tokens "
+                                        f"(including at least one generated token)")
+        max_tokens = limit - n if params.max_tokens is None else params.max_tokens
+        if n + max_tokens > limit:
             raise ContextLengthExceeded(
-                f"the prompt has {n} tokens; this engine's context is {limit} tokens "
-                f"(including at least one generated token)")
-        if params.max_tokens is None:
-            max_tokens = limit - n
-        elif n + params.max_tokens > limit:
-            raise ContextLengthExceeded(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {limit} tokens")
-        else:
-            max_tokens = params.max_tokens
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context of {limit} tokens")
         for name in ("stop_token_ids", "logit_bias"):
             for t in getattr(params, name) or ():
                 if not 0 <= t < self.hf_config.vocab_size:

@@ -41,10 +41,8 @@ class LLM:
         return self._run(ids, sampling, use_tqdm)
 
     def _run(self, prompt_ids: list[list[int]], sampling: object, use_tqdm: bool) -> list[RequestOutput]:
-        if isinstance(sampling, (list, tuple)):
-            params = list(sampling)
-        else:
-            params = [sampling or SamplingParams()] * len(prompt_ids)
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else \
+            [sampling or SamplingParams()] * len(prompt_ids)
         if len(params) != len(prompt_ids):
             raise ValueError("give one SamplingParams, or one per prompt")
         for p in params:
@@ -55,8 +53,7 @@ class LLM:
                    use_tqdm: bool) -> list[RequestOutput]:
         done = asyncio.Event()
         outs: dict[str, RequestOutput] = {}
-        bar = None
-        remaining = [sum(p.n for p in params)]
+        bar, remaining = None, [sum(p.n for p in params)]
         if use_tqdm:
             from tqdm import tqdm
 
@@ -104,10 +101,9 @@ class LLM:
         self.engine.clear_cache()
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.run_until_complete(self.engine.shutdown())
-        self._loop.close()
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self.engine.shutdown())
+            self._loop.close()
 
     def __del__(self) -> None:
         try:  # a forgotten close() should not leave a pending scheduler task behind

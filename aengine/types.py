@@ -40,8 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the k most likely
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
-    repetition_penalty: float = 1.0  # HF/vLLM's: divides positive, multiplies negative logits of
-    # tokens in the prompt or the output
+    repetition_penalty: float = 1.0  # HF/vLLM's: divides positive, multiplies negative logits (prompt, output)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # end-of-sequence and stop token ids are masked before this many tokens
     # structured output, at most one: a JSON Schema, a regex the output matches, EBNF, any JSON object
@@ -111,6 +110,9 @@ class SamplingParams:
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+SAMPLING_FIELDS = tuple(SamplingParams.__dataclass_fields__)  # the wire types copy these by name
 
 
 @dataclass(slots=True)

@@ -32,8 +32,7 @@ class Pending:
 
 class Executor:
     def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.cuda = runner.device.type == "cuda"
+        self.runner, self.cuda = runner, runner.device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-step")
 
     def _run(self, inp: StepInput, masked: bool = False) -> list[int] | tuple:

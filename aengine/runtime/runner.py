@@ -27,15 +27,12 @@ DEFAULT_PAGE = {"torch": 1, "fi": 1, "fa": 128}
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, cfg.dtype))
-    return device, dtype
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, auto if cfg.dtype == "auto" else \
+        getattr(torch, {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, cfg.dtype))
 
 
 def attn_names(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -159,12 +156,10 @@ class ModelRunner:
         seq = np.asarray(inp.seq_lens, dtype=np.int64)
         slots = np.asarray(inp.slots, dtype=np.int64)
         if inp.decode:
-            positions = seq - 1
-            tok_slots = slots
+            positions, tok_slots = seq - 1, slots
         else:
-            starts = seq - ext
             tok_slots = np.repeat(slots, ext)
-            positions = np.arange(int(ext.sum())) - np.repeat(np.cumsum(ext) - ext - starts, ext)
+            positions = np.arange(int(ext.sum())) - np.repeat(np.cumsum(ext) - ext - (seq - ext), ext)
         qo_indptr = np.concatenate([[0], np.cumsum(ext)])
         sample_idx = qo_indptr[1:][inp.sample_rows] - 1
         (d_slots, d_seq, d_qo, d_pos, d_tslots, d_sidx, d_ids, d_ptr, d_ptc, d_ptp, d_sslots) = self._upload([
@@ -207,15 +202,8 @@ class ModelRunner:
         if dev.type == "cuda":  # a copy from pageable memory waits for the stream: no overlap
             f, k = f.pin_memory(), k.pin_memory()
         f, k = f.to(dev, non_blocking=True), k.to(dev, non_blocking=True)
-        return SamplingTensors(
-            temperature=f[0],
-            top_p=f[1],
-            top_k=k,
-            min_p=f[2],
-            seeds=seeds,
-            all_greedy=not any(t > 0 for t in inp.temperature),
-            any_greedy=not all(t > 0 for t in inp.temperature),
-            need_topk=any(k > 0 for k in inp.top_k),
-            need_topp=any(p < 1.0 for p in inp.top_p),
-            need_minp=any(p > 0 for p in inp.min_p),
-        )
+        return SamplingTensors(temperature=f[0], top_p=f[1], top_k=k, min_p=f[2], seeds=seeds,
+                               all_greedy=not any(t > 0 for t in inp.temperature),
+                               any_greedy=not all(t > 0 for t in inp.temperature),
+                               need_topk=any(k > 0 for k in inp.top_k), need_topp=any(p < 1.0 for p in inp.top_p),
+                               need_minp=any(p > 0 for p in inp.min_p))

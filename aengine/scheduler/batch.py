@@ -13,8 +13,7 @@ MIN_TOP_P = 1e-6  # below it only the most likely token could be kept: greedy
 def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, stats: EngineStats,
                eos_ids: set[int]) -> StepInput:
     """The step's StepInput; in a prefill step the first n_decoding rows decode (a mixed step)."""
-    inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [])
-    inp.decoding = n_decoding
+    inp = StepInput(decode, [], [], [], [], [], [], [], [], [], [], [], [], [], decoding=n_decoding)
     stats.mixed_steps += n_decoding > 0
     for i, (req, n) in enumerate(chosen):
         if i < n_decoding:  # its token is the last one sampled, not known here under overlap
@@ -27,8 +26,7 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
         inp.seq_lens.append(req.kv_len)
         inp.extend_lens.append(n)
         if req.synced_pages < len(req.pages):
-            k = len(req.pages) - req.synced_pages
-            inp.pt_rows.extend([req.slot] * k)
+            inp.pt_rows.extend([req.slot] * (len(req.pages) - req.synced_pages))
             inp.pt_cols.extend(range(req.synced_pages, len(req.pages)))
             inp.pt_pages.extend(req.pages[req.synced_pages :])
             req.synced_pages = len(req.pages)

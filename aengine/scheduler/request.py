@@ -37,8 +37,7 @@ class Req:
     t_first: float = 0.0
     t_last: float = 0.0
     index: int = 0  # which of the request's n completions
-    group: list[Req] = field(default_factory=list)  # n > 1: all n copies; those past the first wait
-    # (fill_ids empty) until the first one's prompt is in the prefix cache, then share its KV
+    group: list[Req] = field(default_factory=list)  # n > 1: all n copies (scheduler.Scheduler._fork)
     logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:

@@ -1,12 +1,8 @@
 """The scheduler coroutine: continuous batching with a radix prefix cache, chunked prefill,
 preemption, and overlap (batch N+1 is launched before batch N's results are awaited).
 
-Steps alternate: a prefill step (chunks of waiting prompts, up to max_prefill_tokens) and a
-decode step (one token for every running request). Alternating rather than mixing keeps decode
-steps pure, so they replay as CUDA graphs and use the decode kernels, and still lets running
-requests advance between the chunks of a long prompt. With --enable-mixed-chunk the running
-requests' tokens ride along in each prefill step instead, within its token budget: no decode
-waits a whole prefill step, at the price of those steps running without CUDA graphs.
+Prefill and decode steps alternate (why, and --enable-mixed-chunk: docs/architecture.md,
+"Chunked prefill: steps alternate").
 
 Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
 decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
@@ -40,10 +36,8 @@ MAX_CONSECUTIVE_FAULTS = 3
 class Scheduler:
     def __init__(self, cfg: EngineConfig, executor: Executor, eos_ids: set[int], *, page_size: int,
                  num_pages: int, max_model_len: int, grammars: Grammars | None = None) -> None:
-        self.cfg, self.grammars = cfg, grammars
-        self.ex = executor
-        self.eos_ids = eos_ids
-        self.max_model_len = max_model_len
+        self.cfg, self.grammars, self.ex, self.eos_ids, self.max_model_len = cfg, grammars, executor, eos_ids, \
+            max_model_len
         self.kv = KVManager(num_pages, page_size, cfg.cache)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted: prefilling or decoding, in admission order
@@ -55,8 +49,7 @@ class Scheduler:
                                       cfg.max_running_requests)
         self.decode = DecodePlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters)
         self.last_was_prefill = False
-        self._wake = asyncio.Event()
-        self._stopping = False
+        self._wake, self._stopping = asyncio.Event(), False
         self.fault: BaseException | None = None
         self.faults = 0  # consecutive faulted steps
 
@@ -113,8 +106,7 @@ class Scheduler:
                         launched = (inp, reqs, self.ex.launch(inp, bool(masked)))
                     except Exception as e:  # CUDA: the forward is launched on this thread
                         self._step_failed(reqs, e)
-                processed = inflight is not None
-                if inflight is not None:
+                if processed := inflight is not None:
                     await self._process(*inflight)
                     # A result that was ready returns without yielding; yield anyway, so that the
                     # sessions' flush callbacks send this step's deltas now, not with the next ones

@@ -16,7 +16,7 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from aengine.serve.session import Host, capped_max_tokens
-from aengine.types import EngineError, RequestDelta, SamplingParams, TokenLogprob
+from aengine.types import SAMPLING_FIELDS, EngineError, RequestDelta, SamplingParams, TokenLogprob
 
 SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}  # server-sent events
 
@@ -149,12 +149,10 @@ class OpenAI:
             logprobs = (logprobs or 0) if r.logprobs else None
         if any(not 0 <= t < self.engine.hf_config.vocab_size for t in r.logit_bias or {}):
             raise ApiError(400, "logit_bias holds a token id outside the vocabulary", "invalid_request")
-        return SamplingParams(
-            max_tokens=capped_max_tokens(self.server, max_tokens, n_prompt), temperature=r.temperature,
-            top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, seed=r.seed, stop=r.stop, stop_token_ids=r.stop_token_ids,
-            ignore_eos=r.ignore_eos, n=r.n, logprobs=logprobs, presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty, logit_bias=r.logit_bias,
-            min_tokens=r.min_tokens, json=kind == "json_object", json_schema=spec.get("schema"))
+        mt = capped_max_tokens(self.server, max_tokens, n_prompt)
+        return SamplingParams(**{**{k: getattr(r, k) for k in SAMPLING_FIELDS if k in Sampling.__struct_fields__},
+                                 "max_tokens": mt, "logprobs": logprobs, "json": kind == "json_object",
+                                 "json_schema": spec.get("schema")})
 
     @contextlib.asynccontextmanager
     async def _submit(self, r: Sampling) -> AsyncIterator[Job]:

@@ -124,10 +124,8 @@ def decode(frame: str | bytes) -> ClientMessage:
         raise ProtocolError(str(e), _salvage_id(frame)) from None
     except RecursionError:  # msgspec's answer to a hostile "[[[[..." frame
         raise ProtocolError("JSON nested too deeply") from None
-    if isinstance(msg, Generate):
-        given = sum(x is not None for x in (msg.prompt, msg.messages, msg.input_ids))
-        if given != 1:
-            raise ProtocolError("give exactly one of prompt, messages, input_ids", msg.id)
+    if isinstance(msg, Generate) and sum(x is not None for x in (msg.prompt, msg.messages, msg.input_ids)) != 1:
+        raise ProtocolError("give exactly one of prompt, messages, input_ids", msg.id)
     return msg
 
 

@@ -31,10 +31,10 @@ from aengine.serve.protocol import (
     encode,
 )
 from aengine.tokenizer import StopMatcher
-from aengine.types import MAX_STOPS, EngineError, RequestDelta, SamplingParams
+from aengine.types import MAX_STOPS, SAMPLING_FIELDS, EngineError, RequestDelta, SamplingParams
 
 log = logging.getLogger("aengine")
-# glibc keeps what tokenizer threads freed (+470 MiB RSS after big prompts, benchmarks/rss_burst.py)
+# glibc keeps what tokenizer threads freed (docs/reliability.md)
 _TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
@@ -80,9 +80,7 @@ class Session:
         self.server, self.engine, self.ws, self.transport, self.no = server, server.engine, ws, transport, no
         self.live: dict[str, Stream] = {}
         self.tasks: set[asyncio.Task] = set()
-        # Frames are queued by the scheduler's emit callbacks and written by one writer task that
-        # wakes once per loop turn, so a step that produces deltas for many streams of this
-        # connection costs one task switch, and uvloop turns the frames into one socket write.
+        # one writer task per connection, woken once per loop turn (docs/architecture.md, "Frames out")
         self.outbox: list[bytes] = []
         self.queued = 0  # bytes in outbox
         self.wake = asyncio.Event()
@@ -145,8 +143,7 @@ class Session:
             return
         if isinstance(msg, Cancel):
             self.cancel(msg.id)
-            return
-        if msg.id in self.live:
+        elif msg.id in self.live:
             self.error(msg.id, "invalid_request", f"request id {msg.id!r} is already live on this connection")
         elif self.server.draining:
             self.error(msg.id, "overloaded", "the server is shutting down")
@@ -188,8 +185,7 @@ class Session:
         try:
             msgs = [{"role": m.role, "content": m.content} for m in g.messages] if g.messages is not None else None
             self.engine.check_size(g.prompt, msgs, g.input_ids)  # a hopeless prompt never waits for a thread
-            # The tokenizer (a chat template, a long prompt) may take a while: off the loop. Several
-            # threads (HF tokenizers releases the GIL), and closing the connection cancels this.
+            # off the loop, on several threads; closing the connection cancels this (docs/reliability.md)
             ids = await asyncio.get_running_loop().run_in_executor(self.server.tok_pool, self._encode, g, msgs)
             params = self._params(g, len(ids))
             await self.engine.grammars.prepare(params)  # compiles off the loop (cached by its text)
@@ -215,13 +211,8 @@ class Session:
         return self.engine.encode(g.prompt, msgs, g.input_ids)
 
     def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
-        return SamplingParams(max_tokens=capped_max_tokens(self.server, g.max_tokens, n_prompt),
-                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, seed=g.seed,
-                              stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, n=g.n,
-                              logprobs=g.logprobs, presence_penalty=g.presence_penalty,
-                              frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
-                              logit_bias=g.logit_bias, min_tokens=g.min_tokens, json_schema=g.json_schema,
-                              regex=g.regex, grammar=g.grammar, json=g.json)
+        return SamplingParams(**{**{k: getattr(g, k) for k in SAMPLING_FIELDS},
+                                 "max_tokens": capped_max_tokens(self.server, g.max_tokens, n_prompt)})
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)
@@ -236,11 +227,7 @@ class Session:
         """Called by the scheduler, on the loop, for every processed token and at the finish."""
         now = time.monotonic()
         if d.token_ids:
-            m = self.server.metrics
-            if st.t_last:
-                m.itl.observe(now - st.t_last)
-            else:
-                m.ttft.observe(now - st.t0)
+            (self.server.metrics.itl if st.t_last else self.server.metrics.ttft).observe(now - (st.t_last or st.t0))
             st.t_last = now
         if st.stream and (d.token_ids or d.text) and st.left:
             self.send(Delta(st.id, d.text, d.token_ids, d.index, d.logprobs))

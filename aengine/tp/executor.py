@@ -1,5 +1,4 @@
-"""Rank 0's executor under tensor parallelism: each step goes to the other ranks first, and the
-death of a rank process fails the step in flight instead of hanging in a collective."""
+"""Rank 0's executor under tensor parallelism (TPExecutor)."""
 
 from __future__ import annotations
 
@@ -108,5 +107,3 @@ class TPExecutor(Executor):
         except Exception as e:
             log.warning("leaving the process groups failed: %s", e)
         set_tp(0, 1, None)  # this process may build a single-rank engine next
-
-

@@ -2,9 +2,8 @@
 
 import os
 
-# Models are local directories (or the embedded one): nothing is downloaded, so the Hub client
-# must not try. Without this, transformers' tokenizer loading can ask the Hub about a local path
-# and wait out network timeouts on a machine without internet (seconds of start-up).
+# Models are local (nothing is downloaded): without this, transformers' tokenizer loading may ask
+# the Hub about a local path and wait out network timeouts on a machine without internet.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from aengine.config import EngineConfig, ServerConfig

@@ -38,8 +38,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 class AsyncEngine:
     """`executor`: one to use instead of building the model from cfg (the overhead benchmark runs
-    the real scheduler over a stub executor); it must have a runner with page_size, num_pages and
-    max_model_len."""
+    the real scheduler over a stub executor); it must have a runner with page_size, num_pages, max_model_len."""
 
     def __init__(self, cfg: EngineConfig | None = None, executor: Executor | None = None, **kw: object) -> None:
         cfg = (cfg or EngineConfig()).replace(**kw)

@@ -53,8 +53,7 @@ class SamplingParams:
         bad = InvalidRequest
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -65,23 +64,21 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.stop is not None and not isinstance(self.stop, str) and not (
-            isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)
-        ):
+                isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)):
             raise bad("stop must be a string or a list of strings")
         # bounded, so that stop matching (per token, per stop string) cannot stall the loop
         if len(self.stop_list) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
             raise bad(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids must be a list of integers")
-        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        if len(self.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
             raise bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise bad(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise bad(f"logprobs (top_logprobs) must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
+        for name, v in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)):
             if not isinstance(v, (int, float)) or not -2 <= v <= 2:
                 raise bad(f"{name} must be in [-2, 2], got {v!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 10:

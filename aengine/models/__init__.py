@@ -6,13 +6,10 @@ from torch import nn
 
 from aengine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
+# Mistral: Llama's layers, a sliding window caps the context (runner); Qwen3-MoE: num_experts makes the MLPs MoE
 REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,  # Llama's layers; a sliding window caps the context (runner)
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3ForCausalLM,  # the config's num_experts makes its MLPs MoE
-}
+    "LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM, "Qwen3MoeForCausalLM": Qwen3ForCausalLM}
 
 
 def model_class(cfg: object) -> type[nn.Module]:

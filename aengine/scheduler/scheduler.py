@@ -161,8 +161,7 @@ class Scheduler:
             return self._schedule(can_retract)
         return None
 
-    def _build(self, chosen: list[tuple[Req, int]], decode: bool, n_decoding: int = 0) \
-            -> tuple[StepInput, list[Req]]:
+    def _build(self, chosen: list[tuple[Req, int]], decode: bool, n_decoding: int = 0) -> tuple[StepInput, list[Req]]:
         return build_step(chosen, decode, n_decoding, self.counters, self.eos_ids), [r for r, _ in chosen]
 
     # ---- results -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import WSMsgType, web
 
+from aengine.serve.protocol import wire_fields
 from aengine.serve.session import Host, capped_max_tokens
 from aengine.types import SAMPLING_FIELDS, EngineError, RequestDelta, SamplingParams, TokenLogprob
 
@@ -39,28 +40,15 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # every endpoint's fields; typos refused
-    model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None  # {"include_usage": true}
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None  # token ids, as strings in JSON
-    user: str | None = None
-    response_format: dict[str, Any] | None = None  # structured output: see OpenAI._params
-    # vLLM's and SGLang's extensions, named as they name them
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+# Every endpoint's fields, typos refused: SamplingParams' own (with vLLM's and SGLang's extensions
+# named as they name them, top_k, min_p, repetition_penalty, ...), less the ones each endpoint names
+# its own way (logprobs) or that response_format sets, plus OpenAI's own.
+Sampling = msgspec.defstruct(
+    "Sampling", [("model", str | None, None), ("stream", bool, False), ("user", str | None, None),
+                 ("stream_options", dict[str, bool] | None, None),  # {"include_usage": true}
+                 ("response_format", dict[str, Any] | None, None)]  # structured output: see OpenAI._params
+    + [f for f in wire_fields() if f[0] not in ("logprobs", "json_schema", "regex", "grammar", "json")],
+    forbid_unknown_fields=True, kw_only=True, module=__name__)
 
 
 class ChatRequest(Sampling, kw_only=True):
@@ -224,8 +212,7 @@ class OpenAI:
         except ConnectionError:  # the client went away mid-stream: _submit aborts the request
             return web.Response()
 
-    def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob], finish: str | None,
-                chunk: bool) -> dict:
+    def _choice(self, r: Sampling, i: int, text: str, lps: list[TokenLogprob], finish: str | None, chunk: bool) -> dict:
         c = {"index": i, "finish_reason": {"cancelled": "abort"}.get(finish, finish)}  # "abort": vLLM's word
         if isinstance(r, CompletionRequest):
             rows = self._logprobs(lps) if r.logprobs is not None else None

@@ -3,11 +3,12 @@ typed with msgspec so that a frame is validated while it is parsed, in one pass.
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Literal
 
 import msgspec
 
-from aengine.types import TokenLogprob
+from aengine.types import SAMPLING_FIELDS, SamplingParams, TokenLogprob
 
 PROTOCOL_VERSION = 1
 
@@ -20,33 +21,22 @@ class Message(msgspec.Struct, forbid_unknown_fields=True):
 
 
 # Unknown fields are refused rather than ignored: a misspelt "max_token" silently ignored would
-# generate up to the whole context.
-class Generate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
-    id: Id
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    input_ids: list[int] | None = None
-    max_tokens: int | None = None  # None: up to the context length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = 0  # bounded: the sampler holds it as an int
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    stream: bool = True
-    n: int = 1
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
-    min_tokens: int = 0
-    json_schema: dict | str | None = None  # structured output: at most one of these four
-    regex: str | None = None
-    grammar: str | None = None  # EBNF: GBNF or Lark syntax
-    json: bool = False  # any JSON object
+# generate up to the whole context. The sampling fields are SamplingParams' own (names, types,
+# defaults; docs/protocol.md lists them), except these two: top_k is bounded because the sampler
+# holds it as an int, and max_tokens defaults to the rest of the context.
+_WIRE = {"top_k": (Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)], 0), "max_tokens": (int | None, None)}
+
+
+def wire_fields() -> list[tuple]:
+    """(name, type, default) of every sampling field, for msgspec.defstruct."""
+    hints = typing.get_type_hints(SamplingParams)
+    return [(f, *_WIRE.get(f, (hints[f], SamplingParams.__dataclass_fields__[f].default))) for f in SAMPLING_FIELDS]
+
+
+Generate = msgspec.defstruct(
+    "Generate", [("id", Id), ("prompt", str | None, None), ("messages", list[Message] | None, None),
+                 ("input_ids", list[int] | None, None), ("stream", bool, True), *wire_fields()],
+    tag="generate", tag_field="type", forbid_unknown_fields=True, module=__name__)
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):

@@ -136,8 +136,7 @@ def _rendezvous(init_method: str, rank: int, world: int, procs: list[Any] | tupl
     return store
 
 
-def rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int,
-               init_method: str) -> None:
+def rank_main(cfg: EngineConfig, hf_config: Any, path: Path, rank: int, local_rank: int, init_method: str) -> None:
     """Entry point of a spawned rank."""
     # Ctrl-C reaches the whole process group; rank 0 drains on it and then stops the ranks itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -13,6 +13,12 @@ def check_kv_dtype(names: tuple[str, ...], dtype: torch.dtype) -> None:
         raise ValueError(FP8_REFUSED)
 
 
+def default_page(names: tuple[str, ...], kv_dtype: torch.dtype, device: torch.device) -> int:
+    """--page-size 0: fa's kernels want 128; fi decodes FP8 on Hopper with XQA (pages of 16..128); else 1."""
+    xqa = kv_dtype == torch.float8_e4m3fn and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return 128 if "fa" in names else 64 if "fi" in names and xqa else 1
+
+
 def create_backend(name: str, **kw: object) -> AttentionBackend:
     if name == "torch":
         from aengine.attention.torch_backend import TorchBackend as cls

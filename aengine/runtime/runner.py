@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from aengine.attention import ForwardBatch, check_kv_dtype, create_backend, forward_context
+from aengine.attention import ForwardBatch, check_kv_dtype, create_backend, default_page, forward_context
 from aengine.cache.pool import KVPool, dtype_name, kv_dtype
 from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
@@ -22,9 +22,6 @@ from aengine.runtime.step import StepInput
 from aengine.weights import load_weights
 
 log = logging.getLogger("aengine")
-
-DEFAULT_PAGE = {"torch": 1, "fi": 1, "fa": 128}
-
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -61,10 +58,7 @@ class ModelRunner:
         if cfg.max_model_len > window:
             raise ValueError(f"--max-model-len {cfg.max_model_len} is longer than the model's sliding window "
                              f"({window} tokens): attention beyond the window is not supported")
-        self.page_size = cfg.page_size or max(DEFAULT_PAGE[prefill_attn], DEFAULT_PAGE[decode_attn])
-        if not cfg.page_size and self.kv_dtype == torch.float8_e4m3fn and decode_attn == "fi" \
-                and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9:
-            self.page_size = 64  # FP8 decode's fast kernel on Hopper (XQA) takes pages of 16..128 tokens
+        self.page_size = cfg.page_size or default_page((prefill_attn, decode_attn), self.kv_dtype, self.device)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         with torch.device(self.device):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -132,7 +133,7 @@ class Recorder:
         self.decodes, self.prof, self.window = 0, None, None
         ex.launch = self.launch
 
-    def launch(self, inp: Any) -> Any:
+    def launch(self, inp: Any, *more: Any) -> Any:
         kind = "decode" if inp.decode else "mixed" if getattr(inp, "decoding", 0) else "prefill"
         edge = False
         if kind == "decode" and self.k >= 0:
@@ -148,7 +149,7 @@ class Recorder:
         t0 = time.perf_counter()
         if ev:  # the runner launches on the current stream
             ev[0].record(torch.cuda.current_stream())
-        pending = self.orig(inp)
+        pending = self.orig(inp, *more)
         if ev:
             ev[1].record(torch.cuda.current_stream())
         on = self.prof is not None
@@ -196,21 +197,47 @@ def step_stats(steps: list[Step]) -> dict[str, Any]:
     return out
 
 
+def time_masks(g: Any) -> list[tuple[float, float]]:
+    """Wraps Grammars.advance_and_fill: per job, (ms from submit to done, ms the loop waited in result())."""
+    out: list[tuple[float, float]] = []
+    orig = g.advance_and_fill
+
+    def wrapped(*a: Any) -> Any:
+        t0, fut = time.perf_counter(), orig(*a)
+        done = [0.0]
+        fut.add_done_callback(lambda _: done.__setitem__(0, time.perf_counter()))
+        res = fut.result
+
+        def result() -> Any:
+            t1 = time.perf_counter()
+            r = res()
+            out.append(((done[0] - t0) * 1e3, (time.perf_counter() - t1) * 1e3))
+            return r
+        fut.result = result
+        return fut
+    g.advance_and_fill = wrapped
+    return out
+
+
 def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
     from aengine import LLM, SamplingParams
+    from benchmarks.offline import W1_SCHEMA
 
-    sp = lambda m: SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True)
+    sp = lambda m, schema=None: SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True, json_schema=schema)
+    chosen = set(random.Random(1).sample(range(len(prompts)), round(args.constrained_frac * len(prompts))))
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, attn=args.attn,
               page_size=args.page_size, disable_overlap=args.disable_overlap,
               max_prefill_tokens=args.max_prefill_tokens, kv_cache_dtype=args.kv_cache_dtype)
     ex = llm.engine.executor
     cuda = bool(getattr(ex, "cuda", torch.cuda.is_available()))
     try:
-        llm.generate([p[:64] for p in prompts[:4]], [sp(8)] * min(4, len(prompts)))  # warm-up, as offline.py
+        llm.generate([p[:64] for p in prompts[:4]], [sp(8, W1_SCHEMA if chosen and not i else None)
+                                                     for i in range(min(4, len(prompts)))])  # as offline.py
         llm.clear_cache()
         rec = Recorder(ex, cuda, args.window)
+        masks = time_masks(llm.engine.grammars) if chosen else None
         t = time.perf_counter()
-        outs = llm.generate(prompts, [sp(m) for m in max_tokens])
+        outs = llm.generate(prompts, [sp(m, W1_SCHEMA if i in chosen else None) for i, m in enumerate(max_tokens)])
         wall = time.perf_counter() - t
         rec.stop()  # the run ended inside the window
         steps, window = rec.steps, rec.window
@@ -225,6 +252,12 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
     print(f"W1{'/4' if args.quarter else ''}: {len(prompts)} prompts, {n_out:,} output tokens in {wall:.2f} s = "
           f"{n_out / wall:,.0f} tok/s (wall includes the profiled window; clean figures: offline.py)")
     st = step_stats(steps)
+    if masks:  # --constrained-frac: the grammar worker's jobs, and the loop's waits for them
+        job, wait = (percentiles([x[k] for x in masks], (50, 90)) for k in (0, 1))
+        print(f"grammar jobs (consume + fill): {len(masks)}, ms p50/p90 {job['p50']:.3f}/{job['p90']:.3f}; the loop "
+              f"waited for them p50/p90 {wait['p50']:.3f}/{wait['p90']:.3f} ms, {sum(x[1] for x in masks):.0f} ms"
+              " in all")
+        st["grammar_job_ms"], st["grammar_wait_ms"] = job, wait
     win = [s for s in steps if s.profiled]
     dec = [s for s in win if s.kind == "decode"]
     n_pre = sum(s.kind != "decode" for s in pre_steps)
@@ -296,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--disable-overlap", action="store_true")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-dtype", default="auto", help="aengine: auto | fp8_e4m3")
+    ap.add_argument("--constrained-frac", type=float, default=0.0, help="aengine: as offline.py's (W1_SCHEMA)")
     ap.add_argument("--quarter", action="store_true", help="every W1 max_tokens cut to a quarter (minisgl: always)")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=pair, default=(100, 1024))

@@ -5,7 +5,7 @@
 #   peer      Mini-SGLang's own offline benchmark (W1) through the peer kit in ./.peer
 #             (run_peer.sh; it also compiles the flashinfer kernels both engines use)
 #   w1        aengine W1, overlap on and off (benchmarks/offline.py)
-#   w1-base   W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
+#   w1-base[:FLAGS]  W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
@@ -21,6 +21,7 @@
 #             figures in moe.jsonl (in logs.tgz), not in figures.jsonl
 #   structured  W1 plain and W1 with 10 % of its requests JSON-schema constrained, one after the other
 #             (target: within 5 %), and benchmarks/structured.py (host time per constrained row)
+#   structured-profile  step_profile.py on W1 with 10 % constrained: host and GPU per step, grammar jobs
 # Logs go to $LOGS, packed at the end into $OUT/logs.tgz (a call brings back at most 8 files);
 # $OUT also gets run.log, figures.jsonl (one JSON line per figure), compare.txt and flashinfer's
 # compiled kernels as fi_so.tgz.part-* (carry them as .fi_cache next time to skip the compile).
@@ -67,8 +68,9 @@ for s in $stages; do
       [ -f "$LOGS/peer/peer-minisgl.jsonl" ] && cat "$LOGS/peer/peer-minisgl.jsonl" >> "$LOGS/figures.jsonl" ;;
     w1) bench "w1 overlap" --workload w1 --model $Q06
         bench "w1 no-overlap" --workload w1 --model $Q06 --disable-overlap ;;
-    w1-base) run "w1 of .base" bench.log env COMMIT="base" python3 .base/benchmarks/offline.py --load-format dummy \
-        --tokenizer .tok --no-progress --json "$LOGS/figures.jsonl" --workload w1 --model $Q06 ;;
+    w1-base|w1-base:*) extra=${s#w1-base}; extra=${extra#:}; extra=${extra//,/ }
+      run "w1 of .base $extra" bench.log env COMMIT="base" python3 .base/benchmarks/offline.py --load-format dummy \
+        --tokenizer .tok --no-progress --json "$LOGS/figures.jsonl" --workload w1 --model $Q06 $extra ;;
     w2) bench "w2" --workload w2 --model $L8 --repeats 2
         if [ -d .peer ]; then
           mkdir -p /tmp/l8 && cp $L8/config.json .tok/* /tmp/l8/
@@ -129,7 +131,11 @@ pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
          bench "w2 fp8" --workload w2 --model $L8 --repeats 2 --kv-cache-dtype fp8_e4m3 ;;
     structured) bench "w1 plain" --workload w1 --model $Q06
         bench "w1 10% constrained" --workload w1 --model $Q06 --constrained-frac 0.1
-        run "structured host cost" structured.log python3 benchmarks/structured.py --json "$LOGS/structured.jsonl" ;;
+        run "structured host cost" structured.log python3 benchmarks/structured.py --tokenizer .tok --vocab 151936 \
+          --json "$LOGS/structured.jsonl" ;;
+    structured-profile) run "profile, 10 % constrained" structured-profile.log python3 benchmarks/step_profile.py \
+        --model $Q06 --load-format dummy --tokenizer .tok --constrained-frac 0.1 --json "$LOGS/profile.jsonl"
+      grep -E "^(kind|decode|prefill) |grammar jobs" "$LOGS/structured-profile.log" | tee -a "$LOGS/run.log" ;;
     *) log "unknown stage $s" ;;
   esac
 done

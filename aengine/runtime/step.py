@@ -30,6 +30,7 @@ class StepInput(msgspec.Struct, array_like=True):
     seen_ids: list[int] = []
     bias: list[tuple[int, int, float]] = []
     logprobs: int = -1
+    masked: list[int] = []  # sampled rows (indexes into sample_rows) that a grammar constrains
 
     @property
     def batch_size(self) -> int:

@@ -53,5 +53,7 @@ def build_step(chosen: list[tuple[Req, int]], decode: bool, n_decoding: int, sta
                     inp.bias += [(row, t, b) for t, b in p.logit_bias.items()]
                 if p.logprobs is not None:
                     inp.logprobs = max(inp.logprobs, p.logprobs)
+                if req.matcher is not None:
+                    inp.masked.append(row)
             req.pending += 1
     return inp

@@ -1,11 +1,14 @@
 """Structured output (llguidance): a constraint compiles once per text (off the event loop, bounded
-in size and time) into a cached matcher; a step's masks are filled here while its forward runs."""
+in size and time) into a cached matcher. Each step, a worker thread advances the matchers by the
+tokens just sampled and fills the next step's masks (llguidance's threads, without the GIL) while
+the loop thread turns the same tokens into text and the step's forward runs on the device."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.hf
@@ -21,8 +24,12 @@ MAX_CHARS, TIMEOUT_S, CACHED = 1 << 16, 10.0, 256
 class Grammars:
     def __init__(self, hf_tokenizer: object, vocab: int, eos: int) -> None:
         self.hf, self.vocab, self.eos = hf_tokenizer, max(vocab, len(hf_tokenizer)), eos  # dummy models: less
-        self.tok, self.ex = None, llguidance.LLExecutor()  # tokenizer: built on first use (~1 s)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-grammar")
+        # llguidance's default is 80 % of the CPUs it sees (up to 32), which may be the host's, not
+        # this process's: more threads than cores starve the loop thread, which sends every step
+        self.threads = max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+        self.tok, self.ex = None, llguidance.LLExecutor(self.threads)  # tokenizer: built on first use (~1 s)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-grammar")  # compiles
+        self.stepper = ThreadPoolExecutor(1, thread_name_prefix="aengine-masks")  # never behind a compile
         self.compile = functools.lru_cache(CACHED)(self._compile)  # by text; a refusal is not cached
 
     def _compile(self, key: tuple[str, str]) -> object:
@@ -48,6 +55,15 @@ class Grammars:
                 await asyncio.wait_for(fut, TIMEOUT_S)
             except asyncio.TimeoutError:
                 raise InvalidRequest(f"the {key[0]} took longer than {TIMEOUT_S:g} s to compile") from None
+
+    def advance_and_fill(self, tokens: list[tuple[object, int]], reqs: list[Req]) -> Future:
+        """In the worker thread: each (matcher, token) consumes its token, then the future's result
+        is masks(reqs). A token a grammar forbids leaves its matcher in an error state (all ones)."""
+        def job() -> torch.Tensor:
+            if tokens:
+                llguidance.torch.consume_token_par(self.ex, tokens)
+            return self.masks(reqs)
+        return self.stepper.submit(job)
 
     def masks(self, reqs: list[Req]) -> torch.Tensor:
         """[len(reqs), vocab / 32] int32 bitmasks of their next tokens (all ones for a finished one)."""

@@ -46,7 +46,8 @@ class Req:
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
         p = self.params  # whether its rows need batch.py's logit processing: one check per step if not
         self.processed = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                              or p.logit_bias or p.min_tokens or p.logprobs is not None)
+                              or p.logit_bias or p.min_tokens or p.logprobs is not None
+                              or self.matcher is not None)
         self.prompt_set = list(set(self.prompt_ids)) if p.repetition_penalty != 1 else []  # its penalty's
 
     @property

@@ -19,11 +19,11 @@ def take_logprobs(req: Req, row: list[float], k: int) -> int:
 
 
 def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
-    """Add tok to req's output; returns the finish reason it causes, if any."""
+    """Add tok to req's output; returns the finish reason it causes, if any. (Its grammar, if any,
+    consumes tok in grammar.py's worker.)"""
     t = req.t_last = time.monotonic()
     req.t_first = req.t_first if req.output_ids else t
     req.output_ids.append(tok)
-    req.matcher and req.matcher.consume_token(tok)
     p = req.params
     if (tok in eos_ids and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids) or req.detok.add(tok):
         return "stop"  # (a stop string only when no stop token ended it first)

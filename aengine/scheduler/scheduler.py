@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
+from concurrent.futures import Future
 
 from aengine.config import EngineConfig
 from aengine.runtime.executor import Executor, Pending, StepFault
@@ -98,25 +99,29 @@ class Scheduler:
                 if self._stopping and not self.by_id and inflight is None:
                     return
                 batch = self._schedule(can_retract=inflight is None)
-                launched, masked = None, []
+                launched, masked, fill = None, [], None
                 if batch is not None:
                     inp, reqs = batch
-                    masked = [i for i, r in enumerate(inp.sample_rows) if reqs[r].matcher is not None]
+                    masked = [reqs[inp.sample_rows[i]] for i in inp.masked]
                     try:
                         launched = (inp, reqs, self.ex.launch(inp, bool(masked)))
                     except Exception as e:  # CUDA: the forward is launched on this thread
                         self._step_failed(reqs, e)
                 if processed := inflight is not None:
-                    await self._process(*inflight)
+                    fill = await self._process(*inflight, masked)
                     # A result that was ready returns without yielding; yield anyway, so that the
                     # sessions' flush callbacks send this step's deltas now, not with the next ones
                     await asyncio.sleep(0)
-                if launched is not None and masked:  # its masks need the tokens just processed
-                    self.ex.sample(launched[2], inp, (masked, self.grammars.masks([reqs[inp.sample_rows[i]]
-                                                                                   for i in masked])))
+                if masked and fill is None:
+                    fill = self.grammars.advance_and_fill([], masked)
+                if fill is not None:  # the matchers advance before anything else reads them
+                    masks = fill.result()
+                    if launched is not None and masked:
+                        self.ex.sample(launched[2], inp, (inp.masked, masks))
                 inflight = launched
                 if inflight is not None and not overlap:
-                    await self._process(*inflight)
+                    if fill := await self._process(*inflight, []):
+                        fill.result()
                     inflight = None
                 if batch is None and not processed:
                     # nothing ran and nothing finished: sleep until a request arrives or is aborted
@@ -165,12 +170,21 @@ class Scheduler:
         return build_step(chosen, decode, n_decoding, self.counters, self.eos_ids), [r for r, _ in chosen]
 
     # ---- results -------------------------------------------------------------------------
-    async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending) -> None:
+    async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending, then: list[Req]) \
+            -> Future | None:
+        """Turn a step's tokens into outputs. A grammar's matchers (of this step's rows) consume them
+        and the masks of the next step's constrained rows (then) are filled meanwhile, in a worker
+        thread; returns that job (None when there is none)."""
         try:
             ids = await self.ex.result(pending)
         except Exception as e:
             self._step_failed(reqs, e)
-            return
+            return None
+        fill = None
+        if inp.masked or then:
+            tok = (lambda x: int(x[0])) if inp.logprobs >= 0 else int
+            fill = self.grammars.advance_and_fill([(r.matcher, tok(ids[i])) for i in inp.masked if (
+                r := reqs[inp.sample_rows[i]]).finish_reason is None], then)
         if any(r.finish_reason is None for r in reqs):  # not just the overlap step of a failed one
             self.faults = 0
         for row, tok in zip(inp.sample_rows, ids):
@@ -194,6 +208,7 @@ class Scheduler:
                     self.kv.cache_unfinished(req)
                     if req.group and not req.prefilling:
                         self._fork(req)
+        return fill
 
     def _fork(self, req: Req) -> None:
         """Queue, first in line, the copies of req (n > 1) still waiting for its prompt's KV."""

@@ -16,8 +16,10 @@ come from step counts taken from the attention kernels.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import re
 import sys
@@ -127,8 +129,9 @@ class Recorder:
     """Shadows executor.launch with an instance attribute (the scheduler calls self.ex.launch(inp) each
     step), records each step, and starts / stops the profiler at the decode window's edges."""
 
-    def __init__(self, ex: Any, cuda: bool, window: tuple[int, int]) -> None:
-        self.orig, self.cuda, (self.k, self.m) = ex.launch, cuda, window
+    def __init__(self, ex: Any, cuda: bool, window: tuple[int, int], host: tuple[int, int] = (-1, 0)) -> None:
+        self.orig, self.cuda, (self.k, self.m), (self.hk, self.hm) = ex.launch, cuda, window, host
+        self.host: cProfile.Profile | None = None  # the loop thread's functions over decode steps hk..hk+hm-1
         self.steps: list[Step] = []
         self.decodes, self.prof, self.window = 0, None, None
         ex.launch = self.launch
@@ -144,6 +147,11 @@ class Recorder:
                 self.prof.start()
             elif self.decodes == self.k + self.m:
                 edge = self.stop()
+            if self.decodes == self.hk:
+                self.host = cProfile.Profile()
+                self.host.enable()
+            elif self.decodes == self.hk + self.hm and self.host:
+                self.host.disable()
             self.decodes += 1
         ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
         t0 = time.perf_counter()
@@ -234,7 +242,7 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
         llm.generate([p[:64] for p in prompts[:4]], [sp(8, W1_SCHEMA if chosen and not i else None)
                                                      for i in range(min(4, len(prompts)))])  # as offline.py
         llm.clear_cache()
-        rec = Recorder(ex, cuda, args.window)
+        rec = Recorder(ex, cuda, args.window, args.host_window)
         masks = time_masks(llm.engine.grammars) if chosen else None
         t = time.perf_counter()
         outs = llm.generate(prompts, [sp(m, W1_SCHEMA if i in chosen else None) for i, m in enumerate(max_tokens)])
@@ -258,6 +266,13 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
               f"waited for them p50/p90 {wait['p50']:.3f}/{wait['p90']:.3f} ms, {sum(x[1] for x in masks):.0f} ms"
               " in all")
         st["grammar_job_ms"], st["grammar_wait_ms"] = job, wait
+    if rec.host is not None:  # cProfile's own cost inflates these: read them as shares, not times
+        print(f"\nthe loop thread over decode steps {args.host_window[0]}.. ({args.host_window[1]} steps), "
+              "cProfile, ms per step:")
+        st_ = pstats.Stats(rec.host)
+        rows = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st_.stats.items()), reverse=True)
+        for tot, cum, name in rows[:25]:
+            print(f"  self {tot * 1e3 / args.host_window[1]:7.3f}  cum {cum * 1e3 / args.host_window[1]:7.3f}  {name}")
     win = [s for s in steps if s.profiled]
     dec = [s for s in win if s.kind == "decode"]
     n_pre = sum(s.kind != "decode" for s in pre_steps)
@@ -335,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--input-len", type=pair, default=(100, 1024))
     ap.add_argument("--output-len", type=pair, default=(100, 1024))
     ap.add_argument("--window", type=pair, default=(200, 50), help="K,M: profile decode steps K..K+M-1")
+    ap.add_argument("--host-window", type=pair, default=(-1, 0),
+                    help="K,M: cProfile the loop thread over decode steps K..K+M-1 (a breakdown of host time)")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="append one JSON line (stdout: no path)")
     args = ap.parse_args(argv)
     args.quarter = args.quarter or args.engine == "minisgl"

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="a tokenizer directory (default: the embedded model's)")
     ap.add_argument("--vocab", type=int, help="the model's vocabulary, if larger (Qwen3's: 151936)")
     args = ap.parse_args()
-    path = resolve_model(None) if args.tokenizer is None else args.tokenizer
+    path = resolve_model(None) if args.tokenizer is None else Path(args.tokenizer)
     tok = Tokenizer(path)
     vocab = args.vocab or load_hf_config(path).vocab_size
     g = Grammars(tok.hf, vocab, min(tok.eos_ids))

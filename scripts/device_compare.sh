@@ -79,7 +79,7 @@ for s in $stages; do
             --workload w2 --model /tmp/l8 --json "$LOGS/figures.jsonl"
         fi ;;
     profile) run "profile aengine" profile.log python3 benchmarks/step_profile.py --model $Q06 --load-format dummy \
-        --tokenizer .tok --json "$LOGS/profile.jsonl"
+        --tokenizer .tok --host-window 300,50 --json "$LOGS/profile.jsonl"
       if [ -d .peer ] && [ -d /tmp/q06 ]; then
         peer_env
         run "profile mini-sglang" profile.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/step_profile.py \
@@ -87,7 +87,7 @@ for s in $stages; do
       fi ;;
     tests|tests:*) PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
       k=${s#tests}; k=${k#:}  # tests:EXPR runs only the tests pytest -k EXPR selects
-      run "gpu tests ${k}" gpu-tests.log python3 -m pytest -m gpu -v -rs $GPU_TESTS -p no:cacheprovider $PT ${k:+-k "$k"}
+      run "gpu tests ${k}" gpu-tests.log python3 -m pytest -m gpu -v -rsP $GPU_TESTS -p no:cacheprovider $PT ${k:+-k "$k"}
       grep -E "passed|failed" "$LOGS/gpu-tests.log" | tail -n 1 | tee -a "$LOGS/run.log"
       if grep -q "FAILED.*test_fused_qkv_store" "$LOGS/gpu-tests.log"; then
         export AENGINE_NO_FUSED=1; log "fused QKV kernel failed its test: AENGINE_NO_FUSED=1 from here on"
@@ -134,8 +134,8 @@ pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
         run "structured host cost" structured.log python3 benchmarks/structured.py --tokenizer .tok --vocab 151936 \
           --json "$LOGS/structured.jsonl" ;;
     structured-profile) run "profile, 10 % constrained" structured-profile.log python3 benchmarks/step_profile.py \
-        --model $Q06 --load-format dummy --tokenizer .tok --constrained-frac 0.1 --json "$LOGS/profile.jsonl"
-      grep -E "^(kind|decode|prefill) |grammar jobs" "$LOGS/structured-profile.log" | tee -a "$LOGS/run.log" ;;
+        --model $Q06 --load-format dummy --tokenizer .tok --constrained-frac 0.1 --host-window 300,50 --json "$LOGS/profile.jsonl"
+      grep -E "^(kind|decode|prefill) |grammar jobs|^  self" "$LOGS/structured-profile.log" | tee -a "$LOGS/run.log" ;;
     *) log "unknown stage $s" ;;
   esac
 done

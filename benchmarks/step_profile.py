@@ -262,7 +262,8 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
     st = step_stats(steps)
     if masks:  # --constrained-frac: the grammar worker's jobs, and the loop's waits for them
         job, wait = (percentiles([x[k] for x in masks], (50, 90)) for k in (0, 1))
-        print(f"grammar jobs (consume + fill): {len(masks)}, ms p50/p90 {job['p50']:.3f}/{job['p90']:.3f}; the loop "
+        print(f"grammar jobs (wait for the step's ids, consume, fill): {len(masks)},"
+              f" ms p50/p90 {job['p50']:.3f}/{job['p90']:.3f}; the loop "
               f"waited for them p50/p90 {wait['p50']:.3f}/{wait['p90']:.3f} ms, {sum(x[1] for x in masks):.0f} ms"
               " in all")
         st["grammar_job_ms"], st["grammar_wait_ms"] = job, wait

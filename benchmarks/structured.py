@@ -62,7 +62,8 @@ def run(g: Grammars, tok: Tokenizer, batch: int, vocab: int) -> dict:
     job, apply = [], []
     for step in range(min(map(len, seqs))):
         t0 = time.perf_counter()  # as the scheduler: last step's tokens consumed, this step's masks filled
-        masks = g.advance_and_fill([(r.matcher, r.seq[step - 1]) for r in rows] if step else [], rows).result()
+        pairs = [(r.matcher, r.seq[step - 1]) for r in rows] if step else []
+        masks = g.advance_and_fill(lambda p=pairs: p, rows).result()
         t1 = time.perf_counter()
         apply_token_masks(logits, list(range(batch)), masks)
         job.append(t1 - t0), apply.append(time.perf_counter() - t1)

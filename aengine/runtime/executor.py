@@ -66,6 +66,15 @@ class Executor:
         p.event = torch.cuda.Event()
         p.event.record()
 
+    def ready_ids(self, p: Pending) -> list | None:
+        """p's ids if its step is done (None if not, [] if it failed), from any thread, never waiting."""
+        if p.fut is not None:
+            return None if not p.fut.done() else [] if p.fut.exception() else p.fut.result()
+        try:
+            return p.ids.tolist() if p.event.query() else None
+        except _DEVICE_ERRORS:
+            return []
+
     async def result(self, p: Pending) -> list[int]:
         try:
             if p.fut is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
@@ -56,12 +57,13 @@ class Grammars:
             except asyncio.TimeoutError:
                 raise InvalidRequest(f"the {key[0]} took longer than {TIMEOUT_S:g} s to compile") from None
 
-    def advance_and_fill(self, tokens: list[tuple[object, int]], reqs: list[Req]) -> Future:
-        """In the worker thread: each (matcher, token) consumes its token, then the future's result
-        is masks(reqs). A token a grammar forbids leaves its matcher in an error state (all ones)."""
+    def advance_and_fill(self, tokens: Callable[[], list[tuple[object, int]]], reqs: list[Req]) -> Future:
+        """In the worker thread: each (matcher, token) of tokens() consumes its token, then the
+        future's result is masks(reqs). A token a grammar forbids leaves its matcher in an error
+        state (all ones from then on)."""
         def job() -> torch.Tensor:
-            if tokens:
-                llguidance.torch.consume_token_par(self.ex, tokens)
+            if pairs := tokens():
+                llguidance.torch.consume_token_par(self.ex, pairs)
             return self.masks(reqs)
         return self.stepper.submit(job)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -32,6 +33,7 @@ log = logging.getLogger("aengine")
 # A step that raises fails only its own requests. These many faulted steps in a row (no good step
 # between them) mean the fault is not about one request: the engine state is then not trusted.
 MAX_CONSECUTIVE_FAULTS = 3
+POLL_S = 20e-6  # the grammar worker's wait for a step's ids: about the loop's own wake-up latency
 
 
 class Scheduler:
@@ -103,25 +105,27 @@ class Scheduler:
                 if batch is not None:
                     inp, reqs = batch
                     masked = [reqs[inp.sample_rows[i]] for i in inp.masked]
+                if masked or (inflight is not None and inflight[0].masked):
+                    fill = self._advance(inflight, masked)  # starts now: its wait for inflight's ids too
+                if batch is not None:
                     try:
                         launched = (inp, reqs, self.ex.launch(inp, bool(masked)))
                     except Exception as e:  # CUDA: the forward is launched on this thread
                         self._step_failed(reqs, e)
                 if processed := inflight is not None:
-                    fill = await self._process(*inflight, masked)
+                    await self._process(*inflight)
                     # A result that was ready returns without yielding; yield anyway, so that the
                     # sessions' flush callbacks send this step's deltas now, not with the next ones
                     await asyncio.sleep(0)
-                if masked and fill is None:
-                    fill = self.grammars.advance_and_fill([], masked)
                 if fill is not None:  # the matchers advance before anything else reads them
                     masks = fill.result()
                     if launched is not None and masked:
                         self.ex.sample(launched[2], inp, (inp.masked, masks))
                 inflight = launched
                 if inflight is not None and not overlap:
-                    if fill := await self._process(*inflight, []):
-                        fill.result()
+                    await self._process(*inflight)
+                    if inflight[0].masked:
+                        self._advance(inflight, []).result()
                     inflight = None
                 if batch is None and not processed:
                     # nothing ran and nothing finished: sleep until a request arrives or is aborted
@@ -170,21 +174,26 @@ class Scheduler:
         return build_step(chosen, decode, n_decoding, self.counters, self.eos_ids), [r for r, _ in chosen]
 
     # ---- results -------------------------------------------------------------------------
-    async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending, then: list[Req]) \
-            -> Future | None:
-        """Turn a step's tokens into outputs. A grammar's matchers (of this step's rows) consume them
-        and the masks of the next step's constrained rows (then) are filled meanwhile, in a worker
-        thread; returns that job (None when there is none)."""
+    def _advance(self, step: tuple[StepInput, list[Req], Pending] | None, then: list[Req]) -> Future:
+        """The grammar worker's job: once step's ids are in (it polls; a failed step has none), its
+        constrained rows' matchers consume them; the job's result is the masks of the rows `then`.
+        It starts before the loop thread launches the next step and turns step's ids into text."""
+        inp, reqs, pending = step or (None, [], None)
+        tok = (lambda x: int(x[0])) if inp is not None and inp.logprobs >= 0 else int
+
+        def tokens() -> list[tuple[object, int]]:
+            while (ids := self.ex.ready_ids(pending)) is None and self.fault is None:
+                time.sleep(POLL_S)
+            return [(r.matcher, tok(ids[i])) for i in inp.masked if (r := reqs[inp.sample_rows[i]]).finish_reason
+                    is None] if ids else []
+        return self.grammars.advance_and_fill(tokens if inp is not None and inp.masked else list, then)
+
+    async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending) -> None:
         try:
             ids = await self.ex.result(pending)
         except Exception as e:
             self._step_failed(reqs, e)
-            return None
-        fill = None
-        if inp.masked or then:
-            tok = (lambda x: int(x[0])) if inp.logprobs >= 0 else int
-            fill = self.grammars.advance_and_fill([(r.matcher, tok(ids[i])) for i in inp.masked if (
-                r := reqs[inp.sample_rows[i]]).finish_reason is None], then)
+            return
         if any(r.finish_reason is None for r in reqs):  # not just the overlap step of a failed one
             self.faults = 0
         for row, tok in zip(inp.sample_rows, ids):
@@ -208,7 +217,6 @@ class Scheduler:
                     self.kv.cache_unfinished(req)
                     if req.group and not req.prefilling:
                         self._fork(req)
-        return fill
 
     def _fork(self, req: Req) -> None:
         """Queue, first in line, the copies of req (n > 1) still waiting for its prompt's KV."""

@@ -94,13 +94,14 @@ class Scheduler:
     # ---- the loop ------------------------------------------------------------------------
     async def run(self) -> None:
         inflight: tuple[StepInput, list[Req], Pending] | None = None
+        ahead: tuple[StepInput, list[Req]] | None = None  # the next step, built while masks were filled
         overlap = not self.cfg.disable_overlap
         try:
             while True:
                 self._handle_aborts()
                 if self._stopping and not self.by_id and inflight is None:
                     return
-                batch = self._schedule(can_retract=inflight is None)
+                batch, ahead = ahead or self._schedule(can_retract=inflight is None), None
                 launched, masked, fill = None, [], None
                 if batch is not None:
                     inp, reqs = batch
@@ -118,6 +119,9 @@ class Scheduler:
                     # sessions' flush callbacks send this step's deltas now, not with the next ones
                     await asyncio.sleep(0)
                 if fill is not None:  # the matchers advance before anything else reads them
+                    if launched is not None and masked and overlap and not fill.done():
+                        # build the next step meanwhile: after the masks only its launch is left
+                        ahead = self._schedule(can_retract=False)
                     masks = fill.result()
                     if launched is not None and masked:
                         self.ex.sample(launched[2], inp, (inp.masked, masks))

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 
 from aengine.attention import ForwardBatch, check_kv_dtype, create_backend, default_page, forward_context
-from aengine.cache.pool import KVPool, dtype_name, kv_dtype
+from aengine.cache.pool import FP8, KVPool, dtype_name, kv_dtype
 from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
 from aengine.models import model_class
 from aengine.runtime.cuda_graph import CudaGraphs
-from aengine.runtime.mask import apply_token_masks
-from aengine.runtime.sampler import SamplingTensors, process_logits, sample, with_logprobs
+from aengine.runtime.sampler import SamplingTensors, apply_token_masks, process_logits, sample, upload, with_logprobs
 from aengine.runtime.step import StepInput
 from aengine.weights import load_weights
 
@@ -111,7 +110,7 @@ class ModelRunner:
         """Per-layer (k_scale, v_scale) for an FP8 pool: the checkpoint's, else 1.0 (logged)."""
         loaded = getattr(self.model, "kv_scales_loaded", 0)
         scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in self.model.layers]
-        if tp().rank == 0 and self.pool_is_fp8:
+        if tp().rank == 0 and self.kv_dtype == FP8:
             if loaded:
                 ks, vs = zip(*scales)
                 log.info("FP8 KV scales from the checkpoint (%d tensors): k %.4g..%.4g, v %.4g..%.4g",
@@ -124,10 +123,6 @@ class ModelRunner:
         return scales
 
     @property
-    def pool_is_fp8(self) -> bool:
-        return self.kv_dtype == torch.float8_e4m3fn
-
-    @property
     def kv_cache_dtype(self) -> str:
         """The KV cache's storage, as /metrics and the log name it: fp8_e4m3, bfloat16, float32."""
         return dtype_name(self.kv_dtype)
@@ -136,9 +131,7 @@ class ModelRunner:
         """One host-to-device copy for all of a step's int metadata."""
         sizes = [len(a) for a in ints]
         flat = torch.from_numpy(np.concatenate(ints).astype(np.int32, copy=False))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        return list(flat.split(sizes))
+        return list(upload(flat, self.device).split(sizes))
 
     def step(self, inp: StepInput) -> torch.Tensor:
         return self.sample(inp, *self.forward(inp))
@@ -146,9 +139,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         ps = self.page_size
-        ext = np.asarray(inp.extend_lens, dtype=np.int64)
-        seq = np.asarray(inp.seq_lens, dtype=np.int64)
-        slots = np.asarray(inp.slots, dtype=np.int64)
+        ext, seq, slots = (np.asarray(x, dtype=np.int64) for x in (inp.extend_lens, inp.seq_lens, inp.slots))
         if inp.decode:
             positions, tok_slots = seq - 1, slots
         else:
@@ -189,13 +180,9 @@ class ModelRunner:
         return ids if inp.logprobs < 0 else with_logprobs(logits, ids, inp.logprobs)
 
     def _sampling(self, inp: StepInput) -> SamplingTensors:
-        dev = self.device
         seeds = [(i, s, inp.seq_lens[r]) for i, (s, r) in enumerate(zip(inp.seeds, inp.sample_rows)) if s >= 0]
         f = torch.tensor([inp.temperature, inp.top_p, inp.min_p], dtype=torch.float32).view(3, -1)
-        k = torch.tensor(inp.top_k, dtype=torch.int64)
-        if dev.type == "cuda":  # a copy from pageable memory waits for the stream: no overlap
-            f, k = f.pin_memory(), k.pin_memory()
-        f, k = f.to(dev, non_blocking=True), k.to(dev, non_blocking=True)
+        f, k = upload(f, self.device), upload(torch.tensor(inp.top_k, dtype=torch.int64), self.device)
         return SamplingTensors(temperature=f[0], top_p=f[1], top_k=k, min_p=f[2], seeds=seeds,
                                all_greedy=not any(t > 0 for t in inp.temperature),
                                any_greedy=not all(t > 0 for t in inp.temperature),

@@ -19,7 +19,7 @@ from aengine.runtime.runner import ModelRunner
 from aengine.scheduler.grammar import Grammars
 from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
-from aengine.tokenizer import Tokenizer
+from aengine.tokenizer import Detokenizer, Tokenizer
 from aengine.tp.launch import start_tp
 from aengine.types import ContextLengthExceeded, EmitFn, EngineStats, InvalidRequest, RequestDelta, SamplingParams
 from aengine.weights import has_tokenizer, load_hf_config, resolve_model
@@ -166,7 +166,7 @@ class AsyncEngine:
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else \
                 dataclasses.replace(params, seed=hash((params.seed, i)) & (2**63 - 1))
-            group.append(Req(rid, prompt_ids, p, self.tokenizer.detokenizer(p.stop_list), emit, max_tokens, grammar,
+            group.append(Req(rid, prompt_ids, p, Detokenizer(self.tokenizer, p.stop_list), emit, max_tokens, grammar,
                              index=i, logprobs=None if p.logprobs is None else []))
             group[i].group = group if params.n > 1 else []
         self.scheduler.add(group[0])

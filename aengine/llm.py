@@ -53,20 +53,19 @@ class LLM:
                    use_tqdm: bool) -> list[RequestOutput]:
         done = asyncio.Event()
         outs: dict[str, RequestOutput] = {}
-        bar, remaining = None, [sum(p.n for p in params)]
+        bar, total = None, sum(p.n for p in params)
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=remaining[0], desc="completions")
+            bar = tqdm(total=total, desc="completions")
 
         def emit(d: RequestDelta) -> None:
             if d.output is None:
                 return
             outs[d.output.id, d.index] = d.output
-            remaining[0] -= 1
             if bar is not None:
                 bar.update(1)
-            if remaining[0] == 0:
+            if len(outs) == total:
                 done.set()
 
         rids = []

@@ -40,9 +40,6 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.encode(text, special=False)
 
-    def detokenizer(self, stop: list[str]) -> Detokenizer:
-        return Detokenizer(self, stop)
-
 
 class StopMatcher:
     """Stop strings in text that arrives piece by piece: per stop string, a KMP automaton's state (the

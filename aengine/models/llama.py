@@ -110,7 +110,6 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: object) -> None:
         super().__init__()
-        self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers))

@@ -18,7 +18,7 @@ from aengine.models import model_class
 from aengine.runtime.cuda_graph import CudaGraphs
 from aengine.runtime.sampler import SamplingTensors, apply_token_masks, process_logits, sample, upload, with_logprobs
 from aengine.runtime.step import StepInput
-from aengine.weights import load_weights
+from aengine.weights import dummy_weights, iter_safetensors
 
 log = logging.getLogger("aengine")
 
@@ -67,9 +67,9 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config)
             finally:
                 torch.set_default_dtype(prev)
-        load_weights(self.model, model_path, cfg.load_format, cfg.seed)
+        self.model.load_weights(dummy_weights(model_path, cfg.seed, self.device) if cfg.load_format == "dummy"
+                                else iter_safetensors(model_path))
         self.model.eval()
-        self.vocab = hf_config.vocab_size
         attn = self.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
         self.num_pages = agree(cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim))

@@ -86,8 +86,8 @@ class KVManager:
         req.node = node
 
     def clear_cache(self) -> None:
-        if self.tree is not None:
-            self.tree.clear()
+        if self.tree is not None:  # every unreferenced node (all of them when nothing runs)
+            self.tree.evict(self.tree.evictable_pages)
 
     def usage(self) -> tuple[int, int, int, int]:
         """(capacity, free, cached: held only by the prefix cache, evicted so far) in pages."""

@@ -105,9 +105,8 @@ def debug_state(engine: AsyncEngine, sessions: int) -> dict[str, object]:
     """GET /debug/state (--debug-state): counts and the engine's integrity check, which a test
     can read from outside the process."""
     st = engine.stats()
-    return {"running": st.running, "waiting": st.waiting, "requests": st.requests, "sessions": sessions,
-            "pages_total": st.pages_total, "pages_free": st.pages_free, "pages_used": st.pages_used,
-            "pages_cached": st.pages_cached, "pages_evicted": st.pages_evicted,
+    counts = "running waiting requests pages_total pages_free pages_used pages_cached pages_evicted".split()
+    return {**{k: getattr(st, k) for k in counts}, "sessions": sessions,
             "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": engine.check()}
 
 

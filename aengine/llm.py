@@ -1,5 +1,4 @@
-"""The offline API: LLM.generate / LLM.chat, driving the same scheduler coroutine as the server
-on a private event loop."""
+"""The offline API: LLM.generate / LLM.chat, driving the server's scheduler coroutine on a private event loop."""
 
 from __future__ import annotations
 

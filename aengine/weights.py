@@ -1,5 +1,4 @@
-"""Where weights come from: an HF directory (safetensors), a GGUF file (dequantized once into a
-cached HF directory), or random "dummy" values from a config.json for benchmarks."""
+"""Where weights come from: HF safetensors, a GGUF file (dequantized once into a cached HF dir), or dummy values."""
 
 from __future__ import annotations
 

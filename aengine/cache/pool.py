@@ -76,8 +76,7 @@ class KVPool:
                 c[loc] = x.to(c.dtype)
 
     def read(self, layer: int, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V rows idx of one layer as [len(idx), kv_heads, head_dim] in dtype, dequantized
-        (stored * scale, in fp32, then rounded once to dtype)."""
+        """K and V rows idx of a layer [len(idx), kv_heads, head_dim] in dtype; FP8: stored * scale, rounded once."""
         if not self.fp8:
             return tuple(c[idx].to(dtype) for c in self.flat(layer))
         kv = (c.view(torch.uint8)[idx].view(FP8).float() for c in self.flat(layer))

@@ -1,6 +1,5 @@
-"""Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 reuse
-it with a bias or a q/k norm switched on, and Qwen3-MoE with expert MLPs in the layers its config
-makes sparse. HF weight names load directly."""
+"""Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 switch on a qkv bias
+or q/k norms, Qwen3-MoE expert MLPs in the layers its config makes sparse. HF weight names load directly."""
 
 from __future__ import annotations
 

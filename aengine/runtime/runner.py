@@ -1,5 +1,4 @@
-"""The model runner: owns the model, the KV pool, the page table and the per-slot last sampled
-token, and turns one StepInput into sampled token ids on the device."""
+"""The model runner: the model, KV pool, page table and per-slot last sampled token; a StepInput in, ids out."""
 
 from __future__ import annotations
 
@@ -41,9 +40,8 @@ def attn_names(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> t
 
 
 class ModelRunner:
-    """`agree` turns this process's KV page count into the one to use: tensor-parallel ranks take
-    the smallest over all ranks (the scheduler sizes requests from one pool), before any buffer
-    is sized from it."""
+    """`agree` turns this process's KV page count into the one to use before any buffer is sized from it:
+    tensor-parallel ranks take the smallest over all ranks (the scheduler sizes requests from one pool)."""
 
     def __init__(self, cfg: EngineConfig, hf_config: object, model_path: object,
                  agree: Callable[[int], int] = lambda n: n) -> None:
@@ -95,8 +93,7 @@ class ModelRunner:
             self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1))
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
-        """Pages from a byte budget on CUDA (an FP8 cache fits twice the tokens of a bf16 one), or
-        from --kv-cache-tokens on the CPU."""
+        """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""
         per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

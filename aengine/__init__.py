@@ -2,8 +2,7 @@
 
 import os
 
-# Models are local (nothing is downloaded): without this, transformers' tokenizer loading may ask
-# the Hub about a local path and wait out network timeouts on a machine without internet.
+# Models are local: without this, transformers may ask the Hub about a local path and wait out network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from aengine.config import EngineConfig, ServerConfig

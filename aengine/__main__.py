@@ -1,5 +1,4 @@
-"""CLI: python -m aengine [--host H] [--port P] [--model M] [engine options]. Every EngineConfig and
-ServerConfig field is a flag, generated from the dataclasses (help text included) so that none is forgotten."""
+"""CLI: python -m aengine [options]. Each EngineConfig/ServerConfig field is a generated flag: none is forgotten."""
 
 from __future__ import annotations
 
@@ -46,8 +45,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"aengine: error: {message}\n")
 
 
-# Ranges the parser checks (inclusive; None: unbounded), so that a bad number is one line at once
-# instead of an exception after the model has loaded.
+# Inclusive ranges (None: unbounded) checked at parsing: a bad number is one line, not an error after the load.
 RANGES = {"port": (0, 65535), "gpu_memory_utilization": (0.01, 1.0), **dict.fromkeys(
     "node_rank page_size num_pages max_prefill_tokens_decoding max_model_len cuda_graph_max_bs max_tokens_limit "
     "drain_seconds".split(), (0, None)), **dict.fromkeys(

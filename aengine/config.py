@@ -1,5 +1,4 @@
-"""Every knob of the engine and the server in one place, with its default and its --help text
-(python -m aengine makes each field a flag)."""
+"""Every knob of the engine and the server, with its default and --help text (python -m aengine: one flag each)."""
 
 from __future__ import annotations
 

@@ -41,8 +41,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
-    """Rank 0's values on every rank: the sampled ids, so that all ranks feed the same next token
-    even where sampling noise or a kernel could differ between them."""
+    """Rank 0's values on every rank: sampled ids, so all ranks feed the same next token even if sampling differs."""
     if _tp.size > 1 and x.numel():
         dist.broadcast(x, src=0, group=_tp.group)  # the TP group is the whole world: rank 0 is global 0
     return x

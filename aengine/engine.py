@@ -1,6 +1,5 @@
-"""AsyncEngine: the top of the engine stack, the one object every front end (the offline LLM, the
-shell, the server) drives. It loads the model, owns the scheduler coroutine, validates requests
-and turns prompts into token ids. Callers see public values only (aengine.types)."""
+"""AsyncEngine: the one object every front end (the offline LLM, the shell, the server) drives. It loads the
+model, owns the scheduler coroutine, validates requests and tokenizes. Callers see only aengine.types values."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from aengine.runtime.runner import ModelRunner
 from aengine.scheduler.grammar import Grammars
 from aengine.scheduler.request import Req
 from aengine.scheduler.scheduler import Scheduler
-from aengine.tokenizer import Tokenizer
+from aengine.tokenizer import Detokenizer, Tokenizer
 from aengine.tp.launch import start_tp
 from aengine.types import ContextLengthExceeded, EmitFn, EngineStats, InvalidRequest, RequestDelta, SamplingParams
 from aengine.weights import has_tokenizer, load_hf_config, resolve_model
@@ -124,9 +123,8 @@ class AsyncEngine:
 
     def check_size(self, prompt: str | None = None, messages: list[dict] | None = None,
                    input_ids: list[int] | None = None) -> None:
-        """Refuse, without tokenizing, a prompt that cannot fit the context whatever its tokens are
-        (each token stands for at most tokenizer.max_token_bytes bytes). Cheap: run it on the loop,
-        before the prompt waits for a tokenizer thread."""
+        """Refuse, untokenized, a prompt too long for the context whatever its tokens (each stands for at most
+        tokenizer.max_token_bytes bytes). Cheap: run it on the loop, before the prompt waits for a tokenizer."""
         if input_ids is not None:
             n = len(input_ids) if isinstance(input_ids, list) else 0
         else:
@@ -138,9 +136,8 @@ class AsyncEngine:
                                         f"{self.max_model_len} tokens")
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, emit: EmitFn) -> None:
-        """Queue a request; `emit` is called on the loop with each RequestDelta, the last one
-        carrying the finish reason and the RequestOutput (with n > 1: a last one per completion,
-        told apart by `index`; copy i > 0 of a seeded request draws with a seed derived from it).
+        """Queue a request; `emit` gets each RequestDelta on the loop, the last one of each completion (`index`)
+        with the finish reason and the RequestOutput; copy i > 0 of a seeded request draws with a derived seed.
         Await grammars.prepare(params) first (else a grammar compiles here, on the loop)."""
         if self.scheduler is None or self.task is None:
             raise RuntimeError("engine not started")
@@ -166,7 +163,7 @@ class AsyncEngine:
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else \
                 dataclasses.replace(params, seed=hash((params.seed, i)) & (2**63 - 1))
-            group.append(Req(rid, prompt_ids, p, self.tokenizer.detokenizer(p.stop_list), emit, max_tokens, grammar,
+            group.append(Req(rid, prompt_ids, p, Detokenizer(self.tokenizer, p.stop_list), emit, max_tokens, grammar,
                              index=i, logprobs=None if p.logprobs is None else []))
             group[i].group = group if params.n > 1 else []
         self.scheduler.add(group[0])

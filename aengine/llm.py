@@ -1,5 +1,4 @@
-"""The offline API: LLM.generate / LLM.chat, driving the same scheduler coroutine as the server
-on a private event loop."""
+"""The offline API: LLM.generate / LLM.chat, driving the server's scheduler coroutine on a private event loop."""
 
 from __future__ import annotations
 
@@ -53,20 +52,19 @@ class LLM:
                    use_tqdm: bool) -> list[RequestOutput]:
         done = asyncio.Event()
         outs: dict[str, RequestOutput] = {}
-        bar, remaining = None, [sum(p.n for p in params)]
+        bar, total = None, sum(p.n for p in params)
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=remaining[0], desc="completions")
+            bar = tqdm(total=total, desc="completions")
 
         def emit(d: RequestDelta) -> None:
             if d.output is None:
                 return
             outs[d.output.id, d.index] = d.output
-            remaining[0] -= 1
             if bar is not None:
                 bar.update(1)
-            if remaining[0] == 0:
+            if len(outs) == total:
                 done.set()
 
         rids = []

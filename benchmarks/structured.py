@@ -1,7 +1,7 @@
 """Structured output's host cost (W5 style, any machine): the time a decode step spends on the event
 loop thread waits per constrained row for the grammar worker (Grammars.advance_and_fill: advancing
 the row's matcher by the sampled token and filling its next token mask, on llguidance's threads),
-plus the mask's application to the logits (runtime/mask.py) on this machine's CPU.
+plus the mask's application to the logits (runtime/sampler.py) on this machine's CPU.
 
 Each row follows a valid compact JSON document of one of several schemas (its tokens, then EOS),
 so the masks are those of real outputs; a batch of B rows holds B matchers over the schemas in turn.
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from aengine.runtime.mask import apply_token_masks  # noqa: E402
+from aengine.runtime.sampler import apply_token_masks  # noqa: E402
 from aengine.scheduler.grammar import Grammars  # noqa: E402
 from aengine.tokenizer import Tokenizer  # noqa: E402
 from aengine.types import SamplingParams  # noqa: E402

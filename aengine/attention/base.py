@@ -1,5 +1,4 @@
-"""The attention backend interface and the per-step forward context that layers read from
-(one global, set for the duration of a forward, instead of threading metadata through every layer)."""
+"""The attention backend interface, and the forward context layers read it from (not threaded through each layer)."""
 
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ class AttentionBackend:
         raise NotImplementedError
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
-        """Plan a padded decode batch whose tensors sit at fixed addresses; called before capture
-        and before every replay, so that the captured kernels find this step's metadata."""
+        """Plan a padded decode batch at fixed addresses, before capture and each replay: captured kernels read it."""
         raise NotImplementedError
 
 

@@ -19,10 +19,8 @@ class PageAllocator:
     def alloc(self, n: int) -> list[int] | None:
         if n > len(self._free):
             return None
-        if n == 0:
-            return []
-        pages = self._free[-n:]
-        del self._free[-n:]
+        pages = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
         for p in pages:
             self._is_free[p] = 0
         return pages

@@ -69,26 +69,20 @@ class KVPool:
         return self.k.numel() * self.k.element_size() * 2
 
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        kc, vc = self.flat(layer)
-        if self.fp8:
-            kc.view(torch.uint8)[loc] = quantize(k, self.k_scale[layer]).view(torch.uint8)
-            vc.view(torch.uint8)[loc] = quantize(v, self.v_scale[layer]).view(torch.uint8)
-        else:
-            kc[loc] = k.to(kc.dtype)
-            vc[loc] = v.to(vc.dtype)
+        for c, x, s in zip(self.flat(layer), (k, v), (self.k_scale[layer], self.v_scale[layer])):
+            if self.fp8:
+                c.view(torch.uint8)[loc] = quantize(x, s).view(torch.uint8)
+            else:
+                c[loc] = x.to(c.dtype)
 
     def read(self, layer: int, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V rows idx of one layer as [len(idx), kv_heads, head_dim] in dtype, dequantized
-        (stored * scale, in fp32, then rounded once to dtype)."""
-        kc, vc = self.flat(layer)
+        """K and V rows idx of a layer [len(idx), kv_heads, head_dim] in dtype; FP8: stored * scale, rounded once."""
         if not self.fp8:
-            return kc[idx].to(dtype), vc[idx].to(dtype)
-        k = kc.view(torch.uint8)[idx].view(FP8).float()
-        v = vc.view(torch.uint8)[idx].view(FP8).float()
-        ks, vs = self.k_scale[layer], self.v_scale[layer]
-        return (k * ks if ks != 1.0 else k).to(dtype), (v * vs if vs != 1.0 else v).to(dtype)
+            return tuple(c[idx].to(dtype) for c in self.flat(layer))
+        kv = (c.view(torch.uint8)[idx].view(FP8).float() for c in self.flat(layer))
+        scales = (self.k_scale[layer], self.v_scale[layer])
+        return tuple((x * s if s != 1.0 else x).to(dtype) for x, s in zip(kv, scales))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_pages * page_size, kv_heads, head_dim] views of one layer."""
-        k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+        return tuple(c[layer].view(-1, *c.shape[3:]) for c in (self.k, self.v))

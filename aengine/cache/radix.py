@@ -128,10 +128,6 @@ class RadixCache:
         self.evicted_pages += freed
         return freed
 
-    def clear(self) -> None:
-        """Drop every unreferenced node (all of them when nothing runs)."""
-        self.evict(self.evictable_pages)
-
     def check(self) -> tuple[list[int], list[str]]:
         """Integrity: (every page the tree holds, problems found). A lock pins a node's whole
         path, so no node is referenced more often than its parent, and the counts add up."""

@@ -39,8 +39,7 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused; heads are split over ranks and KV heads are replicated when
-    there are fewer of them than ranks."""
+    """q, k and v projections fused; heads split over ranks, KV heads replicated when fewer than the ranks."""
 
     def __init__(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool) -> None:
         size = tp().size  # checked against the heads before any rank started (tp/launch.py:check_tp)

@@ -1,5 +1,4 @@
-"""Rotary position embedding (the rotate-half layout HF Llama/Qwen use) with the rope scalings
-these families ship: default, linear and llama3."""
+"""Rotary position embedding (HF Llama/Qwen's rotate-half layout) with the default, linear and llama3 scalings."""
 
 from __future__ import annotations
 

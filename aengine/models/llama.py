@@ -1,6 +1,5 @@
-"""Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 reuse
-it with a bias or a q/k norm switched on, and Qwen3-MoE with expert MLPs in the layers its config
-makes sparse. HF weight names load directly."""
+"""Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 switch on a qkv bias
+or q/k norms, Qwen3-MoE expert MLPs in the layers its config makes sparse. HF weight names load directly."""
 
 from __future__ import annotations
 
@@ -110,7 +109,6 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: object) -> None:
         super().__init__()
-        self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_hidden_layers))

@@ -1,5 +1,4 @@
-"""The model runner: owns the model, the KV pool, the page table and the per-slot last sampled
-token, and turns one StepInput into sampled token ids on the device."""
+"""The model runner: the model, KV pool, page table and per-slot last sampled token; a StepInput in, ids out."""
 
 from __future__ import annotations
 
@@ -11,15 +10,14 @@ import numpy as np
 import torch
 
 from aengine.attention import ForwardBatch, check_kv_dtype, create_backend, default_page, forward_context
-from aengine.cache.pool import KVPool, dtype_name, kv_dtype
+from aengine.cache.pool import FP8, KVPool, dtype_name, kv_dtype
 from aengine.config import EngineConfig
 from aengine.distributed import broadcast_from_first, tp
 from aengine.models import model_class
 from aengine.runtime.cuda_graph import CudaGraphs
-from aengine.runtime.mask import apply_token_masks
-from aengine.runtime.sampler import SamplingTensors, process_logits, sample, with_logprobs
+from aengine.runtime.sampler import SamplingTensors, apply_token_masks, process_logits, sample, upload, with_logprobs
 from aengine.runtime.step import StepInput
-from aengine.weights import load_weights
+from aengine.weights import dummy_weights, iter_safetensors
 
 log = logging.getLogger("aengine")
 
@@ -42,9 +40,8 @@ def attn_names(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> t
 
 
 class ModelRunner:
-    """`agree` turns this process's KV page count into the one to use: tensor-parallel ranks take
-    the smallest over all ranks (the scheduler sizes requests from one pool), before any buffer
-    is sized from it."""
+    """`agree` turns this process's KV page count into the one to use before any buffer is sized from it:
+    tensor-parallel ranks take the smallest over all ranks (the scheduler sizes requests from one pool)."""
 
     def __init__(self, cfg: EngineConfig, hf_config: object, model_path: object,
                  agree: Callable[[int], int] = lambda n: n) -> None:
@@ -68,9 +65,9 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config)
             finally:
                 torch.set_default_dtype(prev)
-        load_weights(self.model, model_path, cfg.load_format, cfg.seed)
+        self.model.load_weights(dummy_weights(model_path, cfg.seed, self.device) if cfg.load_format == "dummy"
+                                else iter_safetensors(model_path))
         self.model.eval()
-        self.vocab = hf_config.vocab_size
         attn = self.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
         self.num_pages = agree(cfg.num_pages or self._auto_pages(attn.n_kv_local, attn.head_dim))
@@ -96,8 +93,7 @@ class ModelRunner:
             self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1))
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
-        """Pages from a byte budget on CUDA (an FP8 cache fits twice the tokens of a bf16 one), or
-        from --kv-cache-tokens on the CPU."""
+        """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""
         per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -111,7 +107,7 @@ class ModelRunner:
         """Per-layer (k_scale, v_scale) for an FP8 pool: the checkpoint's, else 1.0 (logged)."""
         loaded = getattr(self.model, "kv_scales_loaded", 0)
         scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in self.model.layers]
-        if tp().rank == 0 and self.pool_is_fp8:
+        if tp().rank == 0 and self.kv_dtype == FP8:
             if loaded:
                 ks, vs = zip(*scales)
                 log.info("FP8 KV scales from the checkpoint (%d tensors): k %.4g..%.4g, v %.4g..%.4g",
@@ -124,10 +120,6 @@ class ModelRunner:
         return scales
 
     @property
-    def pool_is_fp8(self) -> bool:
-        return self.kv_dtype == torch.float8_e4m3fn
-
-    @property
     def kv_cache_dtype(self) -> str:
         """The KV cache's storage, as /metrics and the log name it: fp8_e4m3, bfloat16, float32."""
         return dtype_name(self.kv_dtype)
@@ -136,9 +128,7 @@ class ModelRunner:
         """One host-to-device copy for all of a step's int metadata."""
         sizes = [len(a) for a in ints]
         flat = torch.from_numpy(np.concatenate(ints).astype(np.int32, copy=False))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        return list(flat.split(sizes))
+        return list(upload(flat, self.device).split(sizes))
 
     def step(self, inp: StepInput) -> torch.Tensor:
         return self.sample(inp, *self.forward(inp))
@@ -146,9 +136,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         ps = self.page_size
-        ext = np.asarray(inp.extend_lens, dtype=np.int64)
-        seq = np.asarray(inp.seq_lens, dtype=np.int64)
-        slots = np.asarray(inp.slots, dtype=np.int64)
+        ext, seq, slots = (np.asarray(x, dtype=np.int64) for x in (inp.extend_lens, inp.seq_lens, inp.slots))
         if inp.decode:
             positions, tok_slots = seq - 1, slots
         else:
@@ -189,13 +177,9 @@ class ModelRunner:
         return ids if inp.logprobs < 0 else with_logprobs(logits, ids, inp.logprobs)
 
     def _sampling(self, inp: StepInput) -> SamplingTensors:
-        dev = self.device
         seeds = [(i, s, inp.seq_lens[r]) for i, (s, r) in enumerate(zip(inp.seeds, inp.sample_rows)) if s >= 0]
         f = torch.tensor([inp.temperature, inp.top_p, inp.min_p], dtype=torch.float32).view(3, -1)
-        k = torch.tensor(inp.top_k, dtype=torch.int64)
-        if dev.type == "cuda":  # a copy from pageable memory waits for the stream: no overlap
-            f, k = f.pin_memory(), k.pin_memory()
-        f, k = f.to(dev, non_blocking=True), k.to(dev, non_blocking=True)
+        f, k = upload(f, self.device), upload(torch.tensor(inp.top_k, dtype=torch.int64), self.device)
         return SamplingTensors(temperature=f[0], top_p=f[1], top_k=k, min_p=f[2], seeds=seeds,
                                all_greedy=not any(t > 0 for t in inp.temperature),
                                any_greedy=not all(t > 0 for t in inp.temperature),

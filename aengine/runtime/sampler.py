@@ -32,6 +32,11 @@ class SamplingTensors:
     any_greedy: bool = True  # some row has temperature 0
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned and asynchronous on CUDA: a copy from pageable memory would wait for the step in flight."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 if triton is not None:
 
     # Triton compiles a variant per divisibility of each int argument; these change with the batch
@@ -121,12 +126,11 @@ def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy:
 def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Penalties, logit_bias and min_tokens of the rows that ask, in a few batched kernels (rows
     that do not keep their logits). last_tok[slots[row]]: a sampled row's token in flight. Runs
-    right before sampling; a grammar mask would sit beside it."""
+    right before sampling, ahead of a grammar's masks."""
     if not inp.pen and not inp.bias:
         return logits
     x, dev = logits.float(), logits.device
-    # pinned and asynchronous: a copy from pageable memory would wait for the step in flight
-    up = (lambda t: t.pin_memory().to(dev, non_blocking=True)) if dev.type == "cuda" else (lambda t: t)
+    up = lambda t: upload(t, dev)
     if inp.pen:
         p = torch.tensor(inp.pen, dtype=torch.float64)
         n, fly = len(inp.pen), torch.nonzero(p[:, 6] > 0).view(-1)
@@ -144,6 +148,14 @@ def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor,
         b = torch.tensor(inp.bias, dtype=torch.float64)
         x.index_put_((up(b[:, 0].long()), up(b[:, 1].long())), up(b[:, 2].float()), True)
     return x
+
+
+def apply_token_masks(logits: torch.Tensor, rows: list[int], masks: torch.Tensor) -> None:
+    """Structured output: masks[i], the allowed tokens of logits row rows[i] as host int32 bitmask words (bit j
+    of word w: token 32 w + j); the rest get -inf. The uploads are asynchronous: they wait for the forward."""
+    idx, m = upload(torch.tensor(rows), logits.device), upload(masks, logits.device)
+    bits = (m.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
+    logits[idx] = logits[idx].masked_fill(bits.view(len(rows), -1)[:, : logits.shape[1]] == 0, float("-inf"))
 
 
 def with_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:

@@ -22,10 +22,9 @@ class StepInput(msgspec.Struct, array_like=True):
     min_p: list[float]
     seeds: list[int]  # -1: unseeded
     decoding: int = 0  # prefill steps: the first `decoding` rows decode (one token each, read on device)
-    # Logit processing, only for the sampled rows that ask (empty lists: the step skips it all).
-    # pen: (row, presence, frequency, repetition, n generated, n prompt, in flight); seen_ids holds
-    # each row's generated then distinct prompt tokens; in flight: its last sampled token (on the device)
-    # is generated too. bias: (row, token, added to its logit). logprobs: the largest k, -1: none.
+    # Logit processing of the sampled rows that ask (empty lists: the step skips it). pen: (row, presence, frequency,
+    # repetition, n generated, n prompt, in flight: its last sampled token, on the device, counts as generated);
+    # seen_ids: each row's generated then distinct prompt tokens. bias: (row, token, added). logprobs: top k, -1: none.
     pen: list[tuple[int, float, float, float, int, int, int]] = []
     seen_ids: list[int] = []
     bias: list[tuple[int, int, float]] = []

@@ -1,5 +1,4 @@
-"""Decode steps: a page for every running request whose next token starts one, and preemption
-(the newest requests give their KV back and wait again) when the pool cannot provide them."""
+"""Decode steps: a page for each running request whose next token starts one; preemption when the pool runs dry."""
 
 from __future__ import annotations
 

@@ -38,8 +38,7 @@ class KVManager:
         req.synced_pages = 0
 
     def grow(self, req: Req, n: int, reserve: int = 0) -> int:
-        """Extend req's pages to hold n more tokens (fewer if memory is short), leaving `reserve`
-        pages for others; returns the tokens granted."""
+        """Pages for n more tokens of req (fewer if memory is short), leaving `reserve`; returns the tokens granted."""
         have = len(req.pages) * self.ps - req.kv_len
         while n > 0:
             need = -(-(n - have) // self.ps) if n > have else 0
@@ -86,8 +85,8 @@ class KVManager:
         req.node = node
 
     def clear_cache(self) -> None:
-        if self.tree is not None:
-            self.tree.clear()
+        if self.tree is not None:  # every unreferenced node (all of them when nothing runs)
+            self.tree.evict(self.tree.evictable_pages)
 
     def usage(self) -> tuple[int, int, int, int]:
         """(capacity, free, cached: held only by the prefix cache, evicted so far) in pages."""

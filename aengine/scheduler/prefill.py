@@ -1,5 +1,4 @@
-"""Admission and chunked prefill: which prompts (and how many of their tokens) go into the next
-prefill step, within its token budget and the free KV pages."""
+"""Admission and chunked prefill: the prompts (and their tokens) of the next prefill step, within budget and pages."""
 
 from __future__ import annotations
 

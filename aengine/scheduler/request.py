@@ -1,5 +1,4 @@
-"""A request as the scheduler keeps it: its tokens, its KV state, its progress. It never leaves
-the scheduler; callers see RequestDelta and RequestOutput values (aengine.types)."""
+"""A request as the scheduler keeps it (tokens, KV state, progress); callers see only aengine.types values."""
 
 from __future__ import annotations
 

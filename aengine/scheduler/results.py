@@ -1,5 +1,4 @@
-"""A step's sampled token for a request: whether it ends the request, and the public values
-(RequestDelta, RequestOutput) the request's caller receives."""
+"""A step's sampled token for a request: whether it ends it, and the RequestDelta/RequestOutput its caller gets."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ from aengine.types import RequestDelta, RequestOutput, TokenLogprob
 
 
 def take_logprobs(req: Req, row: list[float], k: int) -> int:
-    """The token of a runner's row of a step with logprobs (sampler.with_logprobs: top k), keeping
-    its logprobs if req asked for them."""
+    """The token of a runner row of a step with logprobs (sampler.with_logprobs), keeping them if req asked."""
     tok, n = int(row[0]), req.params.logprobs
     if n is not None:
         req.logprobs.append(TokenLogprob(tok, row[1], list(zip(map(int, row[2 : 2 + n]), row[2 + k : 2 + k + n]))))
@@ -19,8 +17,7 @@ def take_logprobs(req: Req, row: list[float], k: int) -> int:
 
 
 def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> str | None:
-    """Add tok to req's output; returns the finish reason it causes, if any. (Its grammar, if any,
-    consumes tok in grammar.py's worker.)"""
+    """Add tok to req's output; returns the finish reason it causes, if any (a grammar consumes tok in grammar.py)."""
     t = req.t_last = time.monotonic()
     req.t_first = req.t_first if req.output_ids else t
     req.output_ids.append(tok)

@@ -1,5 +1,4 @@
-"""Prometheus text exposition for /metrics: a few counters and histograms, no client library
-(the format is a page of text; a dependency for it is not worth it)."""
+"""Prometheus text for /metrics: a few counters and histograms; the format is too small to need a client library."""
 
 from __future__ import annotations
 
@@ -102,12 +101,10 @@ class Metrics:
 
 
 def debug_state(engine: AsyncEngine, sessions: int) -> dict[str, object]:
-    """GET /debug/state (--debug-state): counts and the engine's integrity check, which a test
-    can read from outside the process."""
+    """GET /debug/state (--debug-state): counts and the engine's integrity check, for tests outside the process."""
     st = engine.stats()
-    return {"running": st.running, "waiting": st.waiting, "requests": st.requests, "sessions": sessions,
-            "pages_total": st.pages_total, "pages_free": st.pages_free, "pages_used": st.pages_used,
-            "pages_cached": st.pages_cached, "pages_evicted": st.pages_evicted,
+    counts = "running waiting requests pages_total pages_free pages_used pages_cached pages_evicted".split()
+    return {**{k: getattr(st, k) for k in counts}, "sessions": sessions,
             "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": engine.check()}
 
 

@@ -1,6 +1,5 @@
-"""OpenAI's API on the same engine (docs/openai.md): /v1/models, /v1/chat/completions, /v1/completions
-and /v1/responses over HTTP (JSON or server-sent events), and the Responses WebSocket mode at
-/v1/responses. Requests are msgspec Structs: a body is validated while it is parsed."""
+"""OpenAI's API on the same engine (docs/openai.md): /v1/models, /v1/chat/completions, /v1/completions and
+/v1/responses over HTTP, and the Responses WebSocket mode. msgspec Structs validate a body while it is parsed."""
 
 from __future__ import annotations
 
@@ -40,9 +39,8 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["message"] = "message"  # the Responses API's input items carry it
 
 
-# Every endpoint's fields, typos refused: SamplingParams' own (with vLLM's and SGLang's extensions
-# named as they name them, top_k, min_p, repetition_penalty, ...), less the ones each endpoint names
-# its own way (logprobs) or that response_format sets, plus OpenAI's own.
+# Every endpoint's fields, typos refused: SamplingParams' own (vLLM's and SGLang's extensions under their names:
+# top_k, min_p, ...) less those each endpoint names its own way (logprobs) or response_format sets; plus OpenAI's.
 Sampling = msgspec.defstruct(
     "Sampling", [("model", str | None, None), ("stream", bool, False), ("user", str | None, None),
                  ("stream_options", dict[str, bool] | None, None),  # {"include_usage": true}

@@ -20,10 +20,9 @@ class Message(msgspec.Struct, forbid_unknown_fields=True):
     content: str
 
 
-# Unknown fields are refused rather than ignored: a misspelt "max_token" silently ignored would
-# generate up to the whole context. The sampling fields are SamplingParams' own (names, types,
-# defaults; docs/protocol.md lists them), except these two: top_k is bounded because the sampler
-# holds it as an int, and max_tokens defaults to the rest of the context.
+# Unknown fields are refused, not ignored: a misspelt "max_token" ignored would generate up to the whole context.
+# The sampling fields are SamplingParams' own (names, types, defaults; docs/protocol.md) but two: top_k is bounded
+# because the sampler holds it as an int, and max_tokens defaults to the rest of the context.
 _WIRE = {"top_k": (Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)], 0), "max_tokens": (int | None, None)}
 
 

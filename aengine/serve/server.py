@@ -1,7 +1,5 @@
-"""The server: one uvloop event loop runs aiohttp's HTTP/WebSocket server and the scheduler
-coroutine, on one port. WebSocket protocol v1 (any path) is a Session per connection that
-multiplexes requests by the client's id; OpenAI's HTTP API and Responses WebSocket live under /v1/
-(serve/openai.py); GET /health, /metrics and the chat page at / sit beside them."""
+"""The server: one uvloop event loop runs aiohttp and the scheduler coroutine, on one port: protocol v1 (a Session
+per WebSocket, any path), OpenAI's API under /v1/ (serve/openai.py), GET /health, /metrics, the chat page at /."""
 
 from __future__ import annotations
 
@@ -196,9 +194,8 @@ def exposed_without_key(cfg: ServerConfig) -> bool:
 
 
 def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
-    """Serve until stopped; returns the exit status. A port that cannot be bound or a model the
-    engine refuses is one line on stderr and status 2, and the port comes first: nobody waits for
-    a model to load to learn that the port is taken."""
+    """Serve until stopped; returns the exit status. A port that cannot be bound or a model the engine refuses is
+    one line on stderr and status 2; the port comes first: nobody waits for a model to learn that it is taken."""
     try:
         sock = socket.create_server((server_cfg.host, server_cfg.port))
     except OSError as e:

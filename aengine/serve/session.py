@@ -1,5 +1,4 @@
-"""One WebSocket connection: its live requests, multiplexed by the client's ids, and the write
-path that coalesces their frames."""
+"""One WebSocket connection: its live requests, multiplexed by the client's ids; a write path coalescing frames."""
 
 from __future__ import annotations
 
@@ -104,8 +103,7 @@ class Session:
             self._too_slow()
 
     def _too_slow(self) -> None:
-        """The client reads slower than its requests produce: bound the memory it can pin by
-        aborting its requests and closing it (docs/reliability.md, slow consumers)."""
+        """A client reads slower than its requests produce: bound its memory by aborting them and closing it."""
         log.warning("connection %d: over %d unsent bytes; closing it", self.no, self.server.cfg.send_buffer_bytes)
         self.server.metrics.slow_closes += 1
         self.close()

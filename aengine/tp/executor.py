@@ -26,9 +26,8 @@ def stop_procs(procs: list[Any], timeout: float = 10.0) -> None:
 
 
 class TPExecutor(Executor):
-    """Rank 0's executor: each step goes to the other ranks first. A thread watches the local rank
-    processes, and the death of one fails the step in flight even where its collective would wait
-    forever (NCCL), so the scheduler's fault path runs instead of a hang."""
+    """Rank 0's executor: each step goes to the other ranks first. A thread watches the local rank processes: a
+    death fails the step in flight even where NCCL would wait forever: the scheduler's fault path runs, no hang."""
 
     def __init__(self, rank: Rank, procs: list[Any]) -> None:
         super().__init__(rank.runner)

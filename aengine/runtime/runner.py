@@ -39,6 +39,9 @@ def attn_names(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> t
     return parts[0], parts[-1]
 
 
+MIN_AUTO_TOKENS = 256  # a KV pool sized from free GPU memory below this is refused, not served
+
+
 class ModelRunner:
     """`agree` turns this process's KV page count into the one to use before any buffer is sized from it:
     tensor-parallel ranks take the smallest over all ranks (the scheduler sizes requests from one pool)."""
@@ -99,6 +102,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1 - self.cfg.gpu_memory_utilization)
             tokens = int(budget // per_token)
+            if tokens < MIN_AUTO_TOKENS:  # else a "working" engine whose context is a handful of tokens
+                raise ValueError(f"only {max(tokens, 0)} tokens of KV cache fit: {free / 2**30:.1f} of "
+                                 f"{total / 2**30:.1f} GiB free, --gpu-memory-utilization "
+                                 f"{self.cfg.gpu_memory_utilization}; free GPU memory, raise that, or give --num-pages")
         else:
             tokens = self.cfg.kv_cache_tokens
         return max(2, tokens // self.page_size)

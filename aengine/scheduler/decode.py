@@ -16,13 +16,15 @@ class DecodePlanner:
                  stats: EngineStats) -> None:
         self.kv, self.waiting, self.running, self.free_slots, self.stats = kv, waiting, running, free_slots, stats
 
-    def _needs_page(self, r: Req) -> bool:
-        return r.kv_len // self.kv.ps >= len(r.pages)
+    def _full(self, reqs: list[Req]) -> list[Req]:
+        """Those of reqs whose next token starts a page (inline: it runs over every row, every step)."""
+        ps = self.kv.ps
+        return [r for r in reqs if r.kv_len // ps >= len(r.pages)]
 
-    def with_pages(self, reqs: list[Req]) -> list[Req]:
+    def with_pages(self, reqs: list[Req], full: list[Req] | None = None) -> list[Req]:
         """Give every request whose next token starts a page that page, if all of them fit (else
         none: plan(), which can preempt, takes over). Returns the requests ready to decode."""
-        full = [r for r in reqs if self._needs_page(r)]
+        full = self._full(reqs) if full is None else full
         if len(full) > self.kv.available():
             return []
         for r, page in zip(full, self.kv.take(len(full))):  # one allocator call for the whole step
@@ -32,18 +34,18 @@ class DecodePlanner:
     def plan(self, reqs: list[Req], can_retract: bool) -> list[Req]:
         """The requests of the next decode step, preempting the newest if pages run short. Empty
         when it must wait: preemption only happens with no step in flight."""
-        need = sum(1 for r in reqs if self._needs_page(r))
-        if need > self.kv.available():
+        full = self._full(reqs)
+        if len(full) > self.kv.available():
             if not can_retract:
                 return []  # drain the in-flight batch first, then preempt
             reqs = list(reqs)
-            while need > self.kv.available() and len(self.running) > 1:
+            while len(full) > self.kv.available() and len(self.running) > 1:
                 victim = self.running[-1]
                 if victim in reqs:
                     reqs.remove(victim)
-                    need -= self._needs_page(victim)
+                    full = [r for r in full if r is not victim]
                 self.retract(victim)
-        return self.with_pages(reqs)
+        return self.with_pages(reqs, full)
 
     def retract(self, victim: Req) -> None:
         """Preempt: its KV goes back (its computed prefix stays in the tree) and it waits first in line."""

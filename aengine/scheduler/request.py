@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from aengine.tokenizer import Detokenizer
 from aengine.types import EmitFn, SamplingParams, TokenLogprob
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (as vLLM's)
+MIN_TOP_P = 1e-6  # below it only the most likely token could be kept: greedy
 PREFIX_KEY = 64  # tokens: prompts that open alike are prefilled one step apart (scheduler/prefill.py)
 
 
@@ -48,6 +50,11 @@ class Req:
                               or p.logit_bias or p.min_tokens or p.logprobs is not None
                               or self.matcher is not None)
         self.prompt_set = list(set(self.prompt_ids)) if p.repetition_penalty != 1 else []  # its penalty's
+        # Sampling runs in float32: 1 / T overflows for T near 1e-38, and a top_p that rounds to 0
+        # keeps no token at all. Both limits mean "the most likely token", so they are greedy.
+        greedy = p.temperature < MIN_TEMPERATURE or p.top_p < MIN_TOP_P
+        self.sampling = (0.0 if greedy else float(p.temperature), 1.0 if greedy else float(p.top_p),
+                         max(0, p.top_k), float(p.min_p), -1 if p.seed is None else p.seed)
 
     @property
     def prefilling(self) -> bool:

@@ -147,8 +147,8 @@ class Scheduler:
 
     # ---- scheduling ----------------------------------------------------------------------
     def _schedule(self, can_retract: bool) -> tuple[StepInput, list[Req]] | None:
-        decodable = [r for r in self.running if not r.prefilling and r.finish_reason is None
-                     and len(r.output_ids) + r.pending < r.max_tokens]
+        decodable = [r for r in self.running if r.kv_len >= len(r.fill_ids) and r.finish_reason is None
+                     and len(r.output_ids) + r.pending < r.max_tokens]  # (not r.prefilling, inline: every row)
         want_prefill = self.waiting or any(r.prefilling for r in self.running)
         budget = self.cfg.max_prefill_tokens
         if decodable and self.cfg.max_prefill_tokens_decoding:  # decodes wait behind this step: keep it short

@@ -30,16 +30,9 @@ async def chat(url: str, max_tokens: int | None, temperature: float, system: str
                 print()
                 return
             line = line.strip()
-            if not line:
-                continue
-            if line in ("/quit", "/exit"):
-                return
-            if line == "/reset":
-                history = list(base)
-                print("(conversation reset)", flush=True)
-                continue
-            if line.startswith("/"):
-                print(HELP, flush=True)
+            if (quit := command(line, history, base, HELP)) is not None:
+                if quit:
+                    return
                 continue
             history.append({"role": "user", "content": line})
             answer = []
@@ -62,6 +55,21 @@ async def chat(url: str, max_tokens: int | None, temperature: float, system: str
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         await client.close()
+
+
+def command(line: str, history: list[dict], base: list[dict], help_text: str) -> bool | None:
+    """An empty line or a /command of a chat UI (here and clients/shell.py): True to quit, False when
+    handled (/reset puts history back to base), None for a message to send."""
+    if line in ("/quit", "/exit"):
+        return True
+    if line == "/reset":
+        history[:] = base
+        print("(conversation reset)", flush=True)
+    elif line.startswith("/"):
+        print(help_text, flush=True)
+    elif line:
+        return None
+    return False
 
 
 class Closed(Exception):

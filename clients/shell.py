@@ -11,6 +11,7 @@ import sys
 from aengine.config import EngineConfig
 from aengine.engine import AsyncEngine, new_event_loop
 from aengine.types import EngineError, SamplingParams
+from clients.chat import command
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -55,16 +56,9 @@ def run_shell(cfg: EngineConfig, max_tokens: int = 512, temperature: float = 0.7
             except KeyboardInterrupt:
                 print()
                 continue
-            if not line:
-                continue
-            if line in ("/exit", "/quit"):
-                return 0
-            if line == "/reset":
-                history.clear()
-                print("(conversation reset)", flush=True)
-                continue
-            if line.startswith("/"):
-                print(HELP, flush=True)
+            if (quit := command(line, history, [], HELP)) is not None:
+                if quit:
+                    return 0
                 continue
             history.append({"role": "user", "content": line})
             # Each answer runs to its end on the loop; the engine's scheduler task advances meanwhile.

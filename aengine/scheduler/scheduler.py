@@ -182,15 +182,16 @@ class Scheduler:
         """The grammar worker's job: once step's ids are in (it polls; a failed step has none), its
         constrained rows' matchers consume them; the job's result is the masks of the rows `then`.
         It starts before the loop thread launches the next step and turns step's ids into text."""
-        inp, reqs, pending = step or (None, [], None)
-        tok = (lambda x: int(x[0])) if inp is not None and inp.logprobs >= 0 else int
-
         def tokens() -> list[tuple[object, int]]:
+            if step is None or not step[0].masked:
+                return []
+            inp, reqs, pending = step
             while (ids := self.ex.ready_ids(pending)) is None and self.fault is None:
                 time.sleep(POLL_S)
-            return [(r.matcher, tok(ids[i])) for i in inp.masked if (r := reqs[inp.sample_rows[i]]).finish_reason
-                    is None] if ids else []
-        return self.grammars.advance_and_fill(tokens if inp is not None and inp.masked else list, then)
+            tok = (lambda x: int(x[0])) if inp.logprobs >= 0 else int  # a logprobs row: [id, logprob, ...]
+            return [(r.matcher, tok(ids[i])) for i in inp.masked
+                    if (r := reqs[inp.sample_rows[i]]).finish_reason is None] if ids else []
+        return self.grammars.advance_and_fill(tokens, then)
 
     async def _process(self, inp: StepInput, reqs: list[Req], pending: Pending) -> None:
         try:

@@ -299,6 +299,26 @@ def frame_cost(frames: int, streams: int) -> dict:
             "wall_us_per_frame": out["wall_s"] / total * 1e6, "encode_us_per_frame": enc * 1e6}
 
 
+def build_step_cost(batch: int, calls: int = 200) -> float:
+    """Microseconds of scheduler/batch.build_step alone for `batch` decode rows (best of 5 x calls): the
+    part of the loop's step CPU that grows with the batch on every step, without the loop's noise."""
+    from aengine.scheduler.batch import build_step
+    from aengine.scheduler.request import Req
+    from aengine.types import EngineStats
+
+    reqs = [Req(str(i), list(range(100)), SamplingParams(temperature=0.6, max_tokens=2000), None, None, 2000)
+            for i in range(batch)]
+    for r in reqs:
+        r.fill_ids, r.kv_len, r.pages, r.synced_pages, r.slot = list(r.prompt_ids), 100, list(range(2000)), 2000, 1
+    best, stats = float("inf"), EngineStats()
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            build_step([(r, 1) for r in reqs], True, 0, stats, {2})
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best * 1e6
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="config dir for the shapes (default: the embedded model)")
@@ -325,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['batch']:>5} {r['cpu_ms_per_step']:>12.3f} {r['cpu_ms_per_step_mean']:>8.3f} "
               f"{r['cpu_ms_per_step_p90']:>8.3f} {r['cpu_us_per_token']:>9.2f}")
+    build_us = build_step_cost(max(args.batch_sizes))
+    print(f"build_step alone, {max(args.batch_sizes)} decode rows: {build_us:.0f} us (best of 5 x 200 calls)")
     frames = [frame_cost(args.frames, s) for s in args.frame_streams] if args.frames else []
     for f in frames:
         print(f"delta frame, {f['streams_per_connection']} stream(s)/connection: {f['cpu_us_per_frame']:.2f} us CPU "
@@ -335,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"workload": "w5", "w3_intake": intake,
            "cache": args.cache, "overlap": not args.disable_overlap, "page_size": args.page_size,
            "stub_ms": args.stub_ms, "prompt_len": args.prompt_len, "steps": args.steps,
-           "steps_table": rows, "frames": frames, **machine()}
+           "steps_table": rows, "frames": frames, "build_step_us": build_us, **machine()}
     emit_json(res, args.json)
     return res
 

@@ -11,12 +11,14 @@ hides behind the step's forward when it is shorter.
   python benchmarks/structured.py                          # batch 1 8 32 64
   python benchmarks/structured.py --batch-sizes 1,64 --json out.jsonl
   python benchmarks/structured.py --tokenizer DIR --vocab 151936   # another tokenizer, W1's vocabulary
+  python benchmarks/structured.py --w1 --batch-sizes 26 --threads 1   # W1_SCHEMA's rows, one llguidance thread
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -53,14 +55,23 @@ DOCS = [  # (schema, a valid document)
 ]
 
 
-def run(g: Grammars, tok: Tokenizer, batch: int, vocab: int) -> dict:
-    seqs = [tok.encode(json.dumps(d, separators=(",", ":"))) + [g.eos] for _, d in DOCS]
-    base = [g.compile(SamplingParams(json_schema=s).constraint) for s, _ in DOCS]
-    rows = [SimpleNamespace(matcher=base[i % len(DOCS)].deep_copy(), finish_reason=None, seq=seqs[i % len(DOCS)])
+def w1_docs(n: int = 4) -> list[tuple[dict, object]]:
+    """offline.py's W1_SCHEMA (what --constrained-frac constrains) with n valid documents of 200 items."""
+    from benchmarks.offline import W1_SCHEMA
+
+    rng = random.Random(0)
+    return [(W1_SCHEMA, [{"name": "".join(rng.choice("abcdefghij klmnoXYZ") for _ in range(rng.randint(0, 16))),
+                          "value": rng.randint(-10**6, 10**9)} for _ in range(200)]) for _ in range(n)]
+
+
+def run(g: Grammars, tok: Tokenizer, batch: int, vocab: int, docs: list, max_steps: int) -> dict:
+    seqs = [tok.encode(json.dumps(d, separators=(",", ":"))) + [g.eos] for _, d in docs]
+    base = [g.compile(SamplingParams(json_schema=s).constraint) for s, _ in docs]
+    rows = [SimpleNamespace(matcher=base[i % len(docs)].deep_copy(), finish_reason=None, seq=seqs[i % len(docs)])
             for i in range(batch)]
     logits = torch.randn(batch, vocab)
     job, apply = [], []
-    for step in range(min(map(len, seqs))):
+    for step in range(min(min(map(len, seqs)), max_steps)):
         t0 = time.perf_counter()  # as the scheduler: last step's tokens consumed, this step's masks filled
         pairs = [(r.matcher, r.seq[step - 1]) for r in rows] if step else []
         masks = g.advance_and_fill(lambda p=pairs: p, rows).result()
@@ -79,18 +90,22 @@ def main() -> None:
     ap.add_argument("--json", help="append one JSON line per batch size to this file ('-': stdout)")
     ap.add_argument("--tokenizer", help="a tokenizer directory (default: the embedded model's)")
     ap.add_argument("--vocab", type=int, help="the model's vocabulary, if larger (Qwen3's: 151936)")
+    ap.add_argument("--w1", action="store_true", help="rows follow offline.py's W1_SCHEMA instead of the four schemas")
+    ap.add_argument("--steps", type=int, default=300, help="at most this many steps per batch size")
+    ap.add_argument("--threads", type=int, default=0, help="llguidance's threads (0: the engine's default)")
     args = ap.parse_args()
     path = resolve_model(None) if args.tokenizer is None else Path(args.tokenizer)
     tok = Tokenizer(path)
     vocab = args.vocab or load_hf_config(path).vocab_size
-    g = Grammars(tok.hf, vocab, min(tok.eos_ids))
+    g = Grammars(tok.hf, vocab, min(tok.eos_ids), threads=args.threads)
+    docs = w1_docs() if args.w1 else DOCS
     torch.set_num_threads(1)
     t = time.perf_counter()
-    g.compile(SamplingParams(json_schema=DOCS[0][0]).constraint)
+    g.compile(SamplingParams(json_schema=docs[0][0]).constraint)
     print(f"first compile (incl. llguidance's tokenizer): {time.perf_counter() - t:.2f} s", flush=True)
-    run(g, tok, 4, vocab)  # warm-up
+    run(g, tok, 4, vocab, docs, args.steps)  # warm-up
     for b in map(int, args.batch_sizes.split(",")):
-        res = {**run(g, tok, b, vocab), **machine()}
+        res = {**run(g, tok, b, vocab, docs, args.steps), "schema": "w1" if args.w1 else "four", **machine()}
         h, a = res["host_us_per_row"], res["apply_us_per_row"]
         print(f"batch {b:3d}: consume + fill {h['mean']:6.1f} us/row/step (p99 {h['p99']:6.1f}; {g.threads} threads, "
               f"vocab {vocab}); mask apply on this CPU {a['mean']:.1f} us/row", flush=True)

@@ -23,11 +23,11 @@ MAX_CHARS, TIMEOUT_S, CACHED = 1 << 16, 10.0, 256
 
 
 class Grammars:
-    def __init__(self, hf_tokenizer: object, vocab: int, eos: int) -> None:
+    def __init__(self, hf_tokenizer: object, vocab: int, eos: int, threads: int = 0) -> None:
         self.hf, self.vocab, self.eos = hf_tokenizer, max(vocab, len(hf_tokenizer)), eos  # dummy models: less
         # llguidance's default is 80 % of the CPUs it sees (up to 32), which may be the host's, not
         # this process's: more threads than cores starve the loop thread, which launches every step
-        self.threads = max(1, min(16, len(os.sched_getaffinity(0)) - 4))
+        self.threads = threads or max(1, min(16, len(os.sched_getaffinity(0)) - 4))
         self.tok, self.ex = None, llguidance.LLExecutor(self.threads)  # tokenizer: built on first use (~1 s)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aengine-grammar")  # compiles
         self.stepper = ThreadPoolExecutor(1, thread_name_prefix="aengine-masks")  # never behind a compile

@@ -21,16 +21,14 @@ class EngineConfig:
     kv_cache_tokens: H[int, "KV pool size in tokens on CPU"] = 32768
     gpu_memory_utilization: H[float, "fraction of GPU memory for weights, activations and the KV pool"] = 0.85
     cache: H[str, "prefix cache: radix (share KV of common prefixes) or none"] = "radix"
-    kv_cache_dtype: H[str, "KV storage: auto (model dtype) or fp8_e4m3/fp8 "
-                           "(2x tokens; checkpoint k/v scales, else 1.0)"] = "auto"
+    kv_cache_dtype: H[str, "KV storage: auto (model dtype) or fp8_e4m3/fp8 (2x tokens, checkpoint scales)"] = "auto"
     max_running_requests: H[int, "most requests in the running batch"] = 256
     max_prefill_tokens: H[int, "prompt tokens per prefill step (chunked prefill budget)"] = 8192
     max_prefill_tokens_decoding: H[int, "the same while requests wait to decode; bounds their inter-token "
                                         "latency (0: --max-prefill-tokens)"] = 0
     max_model_len: H[int, "context length in tokens (0: the model's max_position_embeddings)"] = 0
     disable_overlap: H[bool, "run one batch at a time instead of launching batch N+1 before processing batch N"] = False
-    enable_mixed_chunk: H[bool, "decode running requests inside prefill steps "
-                                "(steadier inter-token latency; such steps skip CUDA graphs)"] = False
+    enable_mixed_chunk: H[bool, "decode running requests inside prefill steps (which skip CUDA graphs)"] = False
     attn: H[str, "attention: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi"] = "auto"
     cuda_graph_max_bs: H[int, "largest decode batch captured as a CUDA graph (0: no CUDA graphs)"] = 256
     tp: H[int, "tensor-parallel degree (GPUs per model replica)"] = 1
@@ -48,17 +46,15 @@ class ServerConfig:
     port: H[int, "TCP port for WebSocket, /health and /metrics"] = 8765
     api_key: H[str | None, "require this key (Authorization: Bearer KEY, or the subprotocol bearer.KEY next to "
                            "aengine); default: $AENGINE_API_KEY"] = None
-    allowed_origins: H[list[str], "accepted Origin headers for browser clients "
-                                  "(default: any); repeat or comma-separate"] = field(default_factory=list)
+    allowed_origins: H[list[str], "browser Origins accepted (default: any); repeat or comma-separate"] = \
+        field(default_factory=list)
     max_frame_bytes: H[int, "largest accepted client frame in bytes"] = 4 * 1024 * 1024
     max_requests_per_connection: H[int, "most live requests on one connection"] = 256
     max_connections: H[int, "most open WebSocket connections"] = 1024
     max_waiting_requests: H[int, "queue length at which new requests are refused with overloaded"] = 4096
-    max_waiting_bytes: H[int, "bytes of generate frames not yet queued (being tokenized) "
-                              "past which requests get overloaded"] = 256 * 1024 * 1024
+    max_waiting_bytes: H[int, "bytes of generate frames still tokenizing past which requests get overloaded"] = 2**28
     max_waiting_bytes_per_connection: H[int, "the same budget for one connection"] = 32 * 1024 * 1024
     max_tokens_limit: H[int, "cap on max_tokens per request (0: up to the context length)"] = 0
-    send_buffer_bytes: H[int, "unsent bytes a connection may hold; "
-                              "past it its requests are aborted and it is closed"] = 8 * 1024 * 1024
+    send_buffer_bytes: H[int, "unsent bytes a connection may hold, past which it is aborted and closed"] = 2**23
     drain_seconds: H[float, "on Ctrl-C / SIGTERM, how long in-flight requests may finish before being cancelled"] = 5.0
     debug_state: H[bool, "serve GET /debug/state (KV page and radix-tree invariants, task count; for tests)"] = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -104,10 +105,8 @@ class LLM:
             self._loop.close()
 
     def __del__(self) -> None:
-        try:  # a forgotten close() should not leave a pending scheduler task behind
+        with contextlib.suppress(Exception):  # a forgotten close() should not leave a scheduler task behind
             self.close()
-        except Exception:
-            pass
 
     def __enter__(self) -> LLM:
         return self

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -139,19 +139,14 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from ((name, sf.get_tensor(name)) for name in sf.keys())
 
 
-def dummy_weights(path: Path, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random full-size tensors under the checkpoint's names (off transformers' model on the meta device),
-    seeded per name so that every tp draws the same model; in +-1e-3, as vLLM's (why: docs/tp.md)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-    for name, p in ref.named_parameters():
-        if name.endswith("norm.weight"):
-            yield name, torch.ones(p.shape, device=device)
-            continue
+def dummy_weights(shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int, device: torch.device) \
+        -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-size tensors under the checkpoint's names (the model's checkpoint_shapes), seeded per name
+    so that every tp draws the same model; in +-1e-3, as vLLM's (why: docs/tp.md); norms are ones."""
+    for name, shape in shapes:
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        yield name, torch.empty(p.shape, device=device).uniform_(-1e-3, 1e-3, generator=g)
+        yield name, torch.ones(shape, device=device) if name.endswith("norm.weight") else \
+            torch.empty(shape, device=device).uniform_(-1e-3, 1e-3, generator=g)
 
 
 def load_hf_config(path: Path) -> object:

@@ -69,6 +69,7 @@ class Record:
     t_first: float = 0.0
     t_done: float = 0.0
     gaps: list[float] = field(default_factory=list)  # between consecutive token-carrying deltas
+    gap_ends: list[float] = field(default_factory=list)  # when each gap ended
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -189,6 +190,7 @@ async def one_request(c: Client, records: list[Record], sampling: dict[str, Any]
                     rec.output_tokens += len(m["token_ids"])
                     if rec.t_first:
                         rec.gaps.append(now - last)
+                        rec.gap_ends.append(now)
                     else:
                         rec.t_first = now
                     last = now
@@ -317,9 +319,18 @@ def summarize(records: list[Record], duration: float, rate: float, args: argpars
         # raw series for the CDF plot; dropped from the JSON unless --raw
         "_series": {"ttft_ms": ttft, "itl_ms": itl, "e2e_ms": e2e},
     }
+    # the ITL tail, located: gaps over 2x the median, and how many ended while some request still
+    # waited for its first token (prefill steps of arriving prompts between decode steps)
+    if itl:
+        line, admitted = 2 * res["itl_ms"]["p50"], max(r.t_first for r in ok)
+        tail = [e for r in ok for g, e in zip(r.gaps, r.gap_ends) if g * ms > line]
+        res["itl_tail"] = {"over_2x_p50": len(tail), "fraction": len(tail) / len(itl),
+                           "before_last_first_token": sum(e <= admitted for e in tail)}
     for key, metric in (("server_prefill_tokens", "aengine_prefill_tokens_total"),
                         ("server_cache_hit_tokens", "aengine_cache_hit_tokens_total"),
-                        ("server_preemptions", "aengine_preemptions_total")):
+                        ("server_preemptions", "aengine_preemptions_total"),
+                        ("server_full_gcs", "aengine_gc_full_collection_seconds_count"),
+                        ("server_full_gc_s", "aengine_gc_full_collection_seconds_sum")):
         if metric in after and metric in before:
             res[key] = after[metric] - before[metric]
     return res
@@ -336,7 +347,13 @@ def fmt(res: dict) -> str:
              f"  errors: {errs}"]
     if "server_prefill_tokens" in res:
         lines.append(f"  server: {res['server_prefill_tokens']:.0f} prefill tokens computed, "
-                     f"{res['server_cache_hit_tokens']:.0f} from cache, {res['server_preemptions']:.0f} preemptions")
+                     f"{res['server_cache_hit_tokens']:.0f} from cache, {res['server_preemptions']:.0f} preemptions"
+                     + (f", {res['server_full_gcs']:.0f} full GCs ({res['server_full_gc_s'] * 1e3:.0f} ms)"
+                        if "server_full_gcs" in res else ""))
+    if "itl_tail" in res:
+        t = res["itl_tail"]
+        lines.append(f"  ITL tail: {t['over_2x_p50']} gaps over 2x p50 ({t['fraction']:.1%} of all), "
+                     f"{t['before_last_first_token']} of them before the last request's first token")
     return "\n".join(lines)
 
 

@@ -129,9 +129,12 @@ class Recorder:
     """Shadows executor.launch with an instance attribute (the scheduler calls self.ex.launch(inp) each
     step), records each step, and starts / stops the profiler at the decode window's edges."""
 
-    def __init__(self, ex: Any, cuda: bool, window: tuple[int, int], host: tuple[int, int] = (-1, 0)) -> None:
+    def __init__(self, ex: Any, cuda: bool, window: tuple[int, int], host: tuple[int, int] = (-1, 0),
+                 host_prefill: bool = False) -> None:
         self.orig, self.cuda, (self.k, self.m), (self.hk, self.hm) = ex.launch, cuda, window, host
         self.host: cProfile.Profile | None = None  # the loop thread's functions over decode steps hk..hk+hm-1
+        # launch() alone of every prefill step: where a prefill step's host time goes
+        self.pre_host = cProfile.Profile() if host_prefill else None
         self.steps: list[Step] = []
         self.decodes, self.prof, self.window = 0, None, None
         ex.launch = self.launch
@@ -157,7 +160,10 @@ class Recorder:
         t0 = time.perf_counter()
         if ev:  # the runner launches on the current stream
             ev[0].record(torch.cuda.current_stream())
-        pending = self.orig(inp, *more)
+        if self.pre_host is not None and kind != "decode":
+            pending = self.pre_host.runcall(self.orig, inp, *more)
+        else:
+            pending = self.orig(inp, *more)
         if ev:
             ev[1].record(torch.cuda.current_stream())
         on = self.prof is not None
@@ -242,7 +248,7 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
         llm.generate([p[:64] for p in prompts[:4]], [sp(8, W1_SCHEMA if chosen and not i else None)
                                                      for i in range(min(4, len(prompts)))])  # as offline.py
         llm.clear_cache()
-        rec = Recorder(ex, cuda, args.window, args.host_window)
+        rec = Recorder(ex, cuda, args.window, args.host_window, args.host_prefill)
         masks = time_masks(llm.engine.grammars) if chosen else None
         t = time.perf_counter()
         outs = llm.generate(prompts, [sp(m, W1_SCHEMA if i in chosen else None) for i, m in enumerate(max_tokens)])
@@ -274,6 +280,13 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
         rows = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st_.stats.items()), reverse=True)
         for tot, cum, name in rows[:25]:
             print(f"  self {tot * 1e3 / args.host_window[1]:7.3f}  cum {cum * 1e3 / args.host_window[1]:7.3f}  {name}")
+    n_pf = sum(s.kind != "decode" for s in steps)
+    if rec.pre_host is not None and n_pf:
+        print(f"\nlaunch() of the main run's {n_pf} prefill steps, cProfile, ms per step:")
+        st_ = pstats.Stats(rec.pre_host)
+        rows = sorted(((v[3], v[2], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st_.stats.items()), reverse=True)
+        for cum, tot, name in rows[:30]:
+            print(f"  cum {cum * 1e3 / n_pf:7.3f}  self {tot * 1e3 / n_pf:7.3f}  {name}")
     win = [s for s in steps if s.profiled]
     dec = [s for s in win if s.kind == "decode"]
     n_pre = sum(s.kind != "decode" for s in pre_steps)
@@ -353,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--window", type=pair, default=(200, 50), help="K,M: profile decode steps K..K+M-1")
     ap.add_argument("--host-window", type=pair, default=(-1, 0),
                     help="K,M: cProfile the loop thread over decode steps K..K+M-1 (a breakdown of host time)")
+    ap.add_argument("--host-prefill", action="store_true", help="cProfile launch() of every prefill step")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="append one JSON line (stdout: no path)")
     args = ap.parse_args(argv)
     args.quarter = args.quarter or args.engine == "minisgl"

@@ -13,6 +13,8 @@
 #   attn-fp8, profile-fp8   the same over an FP8 KV pool
 #   startup   engine start-up time, with the engine's own breakdown (INFO log)
 #   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
+#   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
+#   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
 #   fp8       W1 and W2 with --kv-cache-dtype fp8_e4m3
@@ -71,7 +73,7 @@ for s in $stages; do
     w1-base|w1-base:*) extra=${s#w1-base}; extra=${extra#:}; extra=${extra//,/ }
       run "w1 of .base $extra" bench.log env COMMIT="base" python3 .base/benchmarks/offline.py --load-format dummy \
         --tokenizer .tok --no-progress --json "$LOGS/figures.jsonl" --workload w1 --model $Q06 $extra ;;
-    w2) bench "w2" --workload w2 --model $L8 --repeats 2
+    w2) bench "w2" --workload w2 --model $L8 --repeats 3
         if [ -d .peer ]; then
           mkdir -p /tmp/l8 && cp $L8/config.json .tok/* /tmp/l8/
           peer_env
@@ -99,25 +101,30 @@ for s in $stages; do
         --json "$LOGS/attn.jsonl" $extra ;;
     profile-fp8) run "profile aengine, FP8 KV" profile-fp8.log python3 benchmarks/step_profile.py --model $Q06 \
         --load-format dummy --tokenizer .tok --kv-cache-dtype fp8_e4m3 --json "$LOGS/profile.jsonl" ;;
-    startup) run "startup" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
+    startup) for k in first again; do  # the first run may compile the bytecode of every source it imports
+        run "startup ($k)" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
 t = time.perf_counter(); from aengine import LLM; llm = LLM('$Q06', load_format='dummy', tokenizer='.tok'); \
 print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()"
-      # where the time goes: imports alone (a second interpreter, warm file cache), then the tokenizer
-      run "startup imports" startup.log python3 -X importtime -c "import aengine.engine, transformers" 2> "$LOGS/importtime.log"
-      sort -t'|' -k2 -n "$LOGS/importtime.log" | tail -n 15 >> "$LOGS/startup.log"
-      run "startup parts" startup.log python3 -c "import time; t = time.perf_counter(); import torch; \
-a = time.perf_counter(); import aengine, transformers; b = time.perf_counter(); from aengine.tokenizer import Tokenizer; \
-from pathlib import Path; import cProfile, pstats; pr = cProfile.Profile(); pr.enable(); Tokenizer(Path('.tok')); \
-pr.disable(); c = time.perf_counter(); torch.zeros(1, device='cuda'); \
-print(f'torch {a - t:.2f} s, aengine+transformers {b - a:.2f} s, tokenizer {c - b:.2f} s, cuda init {time.perf_counter() - c:.2f} s'); \
-pstats.Stats(pr).sort_stats('cumulative').print_stats(25)" ;;
+      done
+      # where the time goes: every import the start-up makes, lazy ones included
+      run "startup imports" startup.log python3 -X importtime -c "from aengine import LLM; \
+LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime.log"
+      sort -t'|' -k2 -n "$LOGS/importtime.log" | tail -n 25 >> "$LOGS/startup.log" ;;
     w2-profile) run "w2 profile" w2-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 1 --input-len 128,128 --output-len 512,512 --window 100,100 ;;
+    ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
+        --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
+        --window 1,2 --host-prefill ;;
     w4|w4:*) extra=${s#w4}; extra=${extra#:}; extra=${extra//,/ }
       run "w4 ${extra:-default}" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
         --spawn "--model $Q06 --load-format dummy --tokenizer .tok $extra" --request-rate 32,inf \
         --connections 16 --label "W4 ${extra:-default}" --json "$LOGS/w4.jsonl"
-      grep -E "^rate|throughput|ITL" "$LOGS/w4.log" | tail -n 6 | tee -a "$LOGS/run.log" ;;
+      grep -E "^rate|throughput|ITL|server" "$LOGS/w4.log" | tail -n 10 | tee -a "$LOGS/run.log" ;;
+    w4-base|w4-base:*) extra=${s#w4-base}; extra=${extra#:}; extra=${extra//,/ }
+      run "w4 of .base ${extra:-default}" w4.log python3 .base/benchmarks/load.py --workload random --num-prompts 256 \
+        --spawn "--model $Q06 --load-format dummy --tokenizer $PWD/.tok $extra" --request-rate 32,inf \
+        --connections 16 --label "W4 base ${extra:-default}" --json "$LOGS/w4.jsonl"
+      grep -E "^rate|throughput|ITL|server" "$LOGS/w4.log" | tail -n 10 | tee -a "$LOGS/run.log" ;;
     w1:*) extra=${s#w1:}; extra=${extra//,/ }
       bench "w1 $extra" --workload w1 --model $Q06 $extra ;;
     moe) run "flashinfer JIT" jit.log python3 scripts/fi_warmup.py prefill decode norm act rope sampling moe

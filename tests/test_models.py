@@ -98,18 +98,36 @@ def test_cache_features_match_hf(kind, kw, tmp_path, llm_check):
 def test_moe_dummy_weights_under_transformers_names(tmp_path, llm_check):
     """Dummy weights come under transformers' own names, all experts stacked in one tensor
     (gate_up_proj, down_proj), unlike checkpoints (one tensor per expert and projection)."""
-    from aengine.weights import dummy_weights
+    from aengine.weights import dummy_weights, load_hf_config
 
     path = build_tiny("qwen3_moe", tmp_path / "m")
     llm = LLM(str(path), load_format="dummy", dtype="float32", device="cpu")
     llm_check(llm)
-    w = dict(dummy_weights(path, 0, torch.device("cpu")))
+    w = dict(dummy_weights(llm.engine.runner.model.checkpoint_shapes(load_hf_config(path)), 0, torch.device("cpu")))
     layers = llm.engine.runner.model.layers
     assert torch.equal(layers[2].mlp.experts.w13, w["model.layers.2.mlp.experts.gate_up_proj"])
     assert torch.equal(layers[2].mlp.experts.w2, w["model.layers.2.mlp.experts.down_proj"])
     assert torch.equal(layers[2].mlp.gate.weight, w["model.layers.2.mlp.gate.weight"])
     assert not hasattr(layers[1].mlp, "experts")  # mlp_only_layers
     assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True),
+                                       ("qwen3_moe", False), ("mistral", False)])
+def test_checkpoint_shapes_are_transformers_own(tmp_path, kind, tied):
+    """Dummy weights are drawn under checkpoint_shapes' names and shapes, listed from the config instead
+    of building transformers' model: they must be exactly that model's parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from aengine.models import model_class
+    from aengine.weights import load_hf_config
+
+    cfg = load_hf_config(build_tiny(kind, tmp_path / "m", tie_word_embeddings=tied))
+    with torch.device("meta"):
+        want = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
+    with torch.device("meta"):
+        got = list(model_class(cfg)(cfg).checkpoint_shapes(cfg))
+    assert len(got) == len(dict(got)) and dict(got) == want
 
 
 def test_sliding_window_caps_the_context(tmp_path, llm_check):

@@ -45,6 +45,7 @@ class KVPool:
         store = torch.uint8 if self.fp8 else dtype
         self.k = alloc(shape, dtype=store, device=device).view(dtype)
         self.v = alloc(shape, dtype=store, device=device).view(dtype)
+        self._flat = [tuple(c[i].view(-1, *shape[3:]) for c in (self.k, self.v)) for i in range(num_layers)]
         # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write, a [layers, 2]
         # fp32 tensor of reciprocals (read on the device: nothing on the host changes under a captured graph)
         sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
@@ -58,11 +59,6 @@ class KVPool:
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the pool holds (page 0, the scratch page for padded rows, included)."""
-        return self.num_pages * self.page_size
 
     @property
     def nbytes(self) -> int:
@@ -84,5 +80,5 @@ class KVPool:
         return tuple((x * s if s != 1.0 else x).to(dtype) for x, s in zip(kv, scales))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_pages * page_size, kv_heads, head_dim] views of one layer."""
-        return tuple(c[layer].view(-1, *c.shape[3:]) for c in (self.k, self.v))
+        """[num_pages * page_size, kv_heads, head_dim] views of one layer (made once: read per layer, per step)."""
+        return self._flat[layer]

@@ -4,7 +4,7 @@ or q/k norms, Qwen3-MoE expert MLPs in the layers its config makes sparse. HF we
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -117,6 +117,27 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def checkpoint_shapes(self, cfg: object) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """The tensors of transformers' model of cfg (its names; experts stacked as it stacks them): dummy
+        weights are drawn under these names without building that model, whose imports take seconds."""
+        h, v, heads = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+        kv, hd = getattr(cfg, "num_key_value_heads", heads), getattr(cfg, "head_dim", None) or h // heads
+        bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
+        yield from [("model.embed_tokens.weight", (v, h)), ("model.norm.weight", (h,))] + \
+            [("lm_head.weight", (v, h))] * (not getattr(cfg, "tie_word_embeddings", False))
+        for i, layer in enumerate(self.layers):
+            e, f = (cfg.num_experts, cfg.moe_intermediate_size) if isinstance(layer.mlp, MoE) else \
+                (0, cfg.intermediate_size)
+            t = [("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,)),
+                 ("self_attn.o_proj.weight", (h, heads * hd))] + [(f"self_attn.{n}_norm.weight", (hd,)) for n in "qk"
+                                                                  if self.qk_norm]
+            for n, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+                t += [(f"self_attn.{n}_proj.weight", (rows, h))] + [(f"self_attn.{n}_proj.bias", (rows,))] * bool(bias)
+            t += [("mlp.gate.weight", (e, h)), ("mlp.experts.gate_up_proj", (e, 2 * f, h)),
+                  ("mlp.experts.down_proj", (e, h, f))] if e else \
+                [("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h)), ("mlp.down_proj.weight", (h, f))]
+            yield from ((f"model.layers.{i}.{n}", shape) for n, shape in t)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None

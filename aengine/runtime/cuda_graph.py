@@ -56,7 +56,8 @@ class CudaGraphs:
             fb = self._fb(n, [1] * n)
             self.backend.prepare_graph(fb)
             with forward_context(self.backend):
-                model(fb.input_ids, fb.positions)  # warm-up: lazy kernel loads stay out of the graph
+                if n == sizes[-1] or n < 16:  # warm-up outside the graph (lazy inits; Triton's variants by n % 16)
+                    model(fb.input_ids, fb.positions)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):

@@ -68,8 +68,8 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config)
             finally:
                 torch.set_default_dtype(prev)
-        self.model.load_weights(dummy_weights(model_path, cfg.seed, self.device) if cfg.load_format == "dummy"
-                                else iter_safetensors(model_path))
+        self.model.load_weights(iter_safetensors(model_path) if cfg.load_format != "dummy" else
+                                dummy_weights(self.model.checkpoint_shapes(hf_config), cfg.seed, self.device))
         self.model.eval()
         attn = self.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
@@ -81,8 +81,8 @@ class ModelRunner:
                            self.kv_dtype, self.device, scales=self._kv_scales())
         if tp().rank == 0:
             log.info("KV cache: %d tokens, %.2f GiB, %s (%d pages of %d); model and weights took %.1f s",
-                     self.pool.capacity, self.pool.nbytes / 2**30, dtype_name(self.kv_dtype), self.num_pages,
-                     self.page_size, time.perf_counter() - t0)
+                     self.num_pages * self.page_size, self.pool.nbytes / 2**30, dtype_name(self.kv_dtype),
+                     self.num_pages, self.page_size, time.perf_counter() - t0)
         self.max_slots = cfg.max_running_requests + 1  # +1: slot 0 is scratch for padded rows
         max_pages = (self.max_model_len + self.page_size - 1) // self.page_size
         self.page_table = torch.zeros(self.max_slots, max_pages, dtype=torch.int32, device=self.device)

@@ -124,9 +124,8 @@ def _sample_fused(fi: object, scaled: torch.Tensor, st: SamplingTensors, greedy:
 
 
 def process_logits(logits: torch.Tensor, inp: StepInput, last_tok: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Penalties, logit_bias and min_tokens of the rows that ask, in a few batched kernels (rows
-    that do not keep their logits). last_tok[slots[row]]: a sampled row's token in flight. Runs
-    right before sampling, ahead of a grammar's masks."""
+    """Penalties, logit_bias and min_tokens of the rows that ask, in a few batched kernels (rows that do not keep
+    their logits). last_tok[slots[row]]: a sampled row's token in flight. Runs before a grammar's masks."""
     if not inp.pen and not inp.bias:
         return logits
     x, dev = logits.float(), logits.device

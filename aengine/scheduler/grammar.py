@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
-import llguidance.hf
-import llguidance.torch
 import torch
 
 from aengine.scheduler.request import Req
@@ -37,7 +36,9 @@ class Grammars:
         kind, text = key
         if len(text) > MAX_CHARS:
             raise InvalidRequest(f"the {kind} is longer than {MAX_CHARS} characters")
-        self.tok = self.tok or llguidance.hf.from_tokenizer(self.hf, n_vocab=self.vocab, eos_token=self.eos)
+        # imported here: llguidance.hf imports transformers' generation modules (seconds of start-up)
+        self.tok = self.tok or importlib.import_module("llguidance.hf").from_tokenizer(
+            self.hf, n_vocab=self.vocab, eos_token=self.eos)
         try:  # compact JSON: a small model allowed free whitespace may emit nothing else
             g = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False}) \
                 if kind == "json_schema" else llguidance.grammar_from("ebnf" if kind == "grammar" else kind, text)
@@ -58,12 +59,11 @@ class Grammars:
                 raise InvalidRequest(f"the {key[0]} took longer than {TIMEOUT_S:g} s to compile") from None
 
     def advance_and_fill(self, tokens: Callable[[], list[tuple[object, int]]], reqs: list[Req]) -> Future:
-        """In the worker thread: each (matcher, token) of tokens() consumes its token, then the
-        future's result is masks(reqs). A token a grammar forbids leaves its matcher in an error
-        state (all ones from then on)."""
+        """In the worker thread: each (matcher, token) of tokens() consumes its token, then the future's result
+        is masks(reqs). A token a grammar forbids leaves its matcher in an error state (all ones from then on)."""
         def job() -> torch.Tensor:
             if pairs := tokens():
-                llguidance.torch.consume_token_par(self.ex, pairs)
+                self.ex.consume_token_par(pairs)
             return self.masks(reqs)
         return self.stepper.submit(job)
 
@@ -71,6 +71,6 @@ class Grammars:
         """[len(reqs), vocab / 32] int32 bitmasks of their next tokens (all ones for a finished one)."""
         mask = torch.full((len(reqs), (self.vocab + 31) // 32), -1, dtype=torch.int32)
         live = [(r.matcher, i) for i, r in enumerate(reqs) if r.finish_reason is None and not r.matcher.is_error()]
-        if live:  # llguidance refuses an empty batch
-            llguidance.torch.fill_next_token_bitmask_par(self.ex, live, mask)
+        if live:  # llguidance refuses an empty batch (llguidance.torch's wrapper imports torch._dynamo: seconds)
+            self.ex.unsafe_compute_mask_ptr(live, mask.data_ptr(), mask.shape[1] * 4, len(reqs))
         return mask

@@ -54,6 +54,12 @@ class PrefillPlanner:
             budget -= n
         return chosen if len(chosen) > len(decoding) else None
 
+    def can_admit(self) -> bool:
+        """Whether the first waiting prompt would get a slot and its pages now (no side effect)."""
+        req = self.waiting[0] if self.waiting and self.free_slots and len(self.running) < self.max_running else None
+        return req is not None and -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps) + sum(
+            not r.prefilling for r in self.running) <= self.kv.available()
+
     def _admit(self, req: Req) -> bool:
         """Give a waiting request a slot and its cached prefix."""
         if not self.free_slots or len(self.running) >= self.max_running:

@@ -1,9 +1,7 @@
 """The scheduler coroutine: continuous batching with a radix prefix cache, chunked prefill,
 preemption, and overlap (batch N+1 is launched before batch N's results are awaited).
-
-Prefill and decode steps alternate (why, and --enable-mixed-chunk: docs/architecture.md,
-"Chunked prefill: steps alternate").
-
+Prompts waiting for admission are prefilled first; an admitted long prompt's chunks alternate with
+decode steps (why, and --enable-mixed-chunk: docs/architecture.md, "Chunked prefill").
 Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
 decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
 
@@ -159,7 +157,9 @@ class Scheduler:
             if chosen is not None:
                 self.last_was_prefill = False  # the running requests advanced too
                 return self._build(chosen, decode=False, n_decoding=len(ready))
-        if want_prefill and (not self.last_was_prefill or not decodable):
+        # prompts that can be admitted go first: a burst prefills back to back, so a running request waits
+        # once, not between every two of its tokens; an admitted long prompt's chunks alternate with decodes
+        if want_prefill and (not self.last_was_prefill or not decodable or self.prefill.can_admit()):
             chosen = self.prefill.plan([], budget)
             if chosen is not None:
                 self.last_was_prefill = True
@@ -179,9 +179,8 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------
     def _advance(self, step: tuple[StepInput, list[Req], Pending] | None, then: list[Req]) -> Future:
-        """The grammar worker's job: once step's ids are in (it polls; a failed step has none), its
-        constrained rows' matchers consume them; the job's result is the masks of the rows `then`.
-        It starts before the loop thread launches the next step and turns step's ids into text."""
+        """The grammar worker's job: once step's ids are in (it polls; a failed step has none), its constrained
+        rows' matchers consume them; its result: the masks of the rows `then`. Started before the next launch."""
         def tokens() -> list[tuple[object, int]]:
             if step is None or not step[0].masked:
                 return []

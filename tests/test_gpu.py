@@ -486,15 +486,17 @@ def test_moe_cuda_graphs_greedy_equal_eager(moe_dir: str) -> None:
     assert outs[256] == outs[0]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2 or not HAS_FI, reason="needs 2 GPUs and flashinfer")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_moe_logits_match_tp1(moe_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each rank holds half of every expert (intermediate dim); one all-reduce per layer."""
-    one, _ = engine_logits(moe_dir, monkeypatch)
-    two, _ = engine_logits(moe_dir, monkeypatch, tp=2)
-    n = agreeing_steps(one, two)
-    errs = [rel(b, a) for a, b in zip(one[:n], two[:n])]
-    print(f"MoE tp=2 vs tp=1: {n} of {len(one)} steps compared, errors {errs}")
-    assert n > len(one) // 3 and max(errs) <= 2e-2, errs
+    """Each rank holds half of every expert (intermediate dim); one all-reduce per layer. Compared in fp32
+    (torch attention, the expert loop), where tp=2 must give tp=1's logits: in bf16 a router near tie
+    flips a token's experts (on 2 x H200 bf16 parted after 6 of 17 steps, fp32 agreed on all 17 within
+    1e-6); the grouped bf16 experts are checked against the expert loop by test_moe_grouped_matches_reference."""
+    one, _ = engine_logits(moe_dir, monkeypatch, dtype="fp32", attn="torch")
+    two, _ = engine_logits(moe_dir, monkeypatch, dtype="fp32", attn="torch", tp=2)
+    errs = [rel(b, a) for a, b in zip(one, two)]
+    print(f"MoE tp=2 vs tp=1, fp32: {len(one)} steps, errors {errs}")
+    assert len(one) == len(two) and max(errs) <= 1e-4, errs
 
 
 # ---- FP8 KV cache (--kv-cache-dtype fp8_e4m3) ---------------------------------------------------

@@ -11,11 +11,10 @@ from tokenizers.decoders import DecodeStream
 
 class Tokenizer:
     def __init__(self, path: Path) -> None:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        # A tokenizer.json loads straight into the fast class (AutoTokenizer's class lookup imports much of
-        # transformers: seconds of start-up); never ask the hub (offline machines would wait on its timeouts).
-        cls = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else AutoTokenizer
+        # A tokenizer.json loads straight into the fast class (AutoTokenizer imports much of transformers, a lazy
+        # module: seconds of start-up); never ask the hub (offline machines would wait on its timeouts).
+        import transformers
+        cls = transformers.PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else transformers.AutoTokenizer
         self.hf = cls.from_pretrained(str(path), local_files_only=True)
         self.eos_ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):

@@ -12,6 +12,7 @@ import shutil
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -64,15 +65,13 @@ def _content_key(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _gguf_key(path: Path) -> str:
-    """The file's content hash: every virtual environment that installs the same package file
-    shares one conversion (each is ~500 MB); hashed once per process and file version."""
+    """The file's content hash: every venv installing the same package file shares one ~500 MB conversion."""
     st = path.stat()
     return _content_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _drop_stale(path: Path, keep: Path) -> None:
-    """Remove earlier conversions of this file name whose source is gone or has changed (an
-    upgraded or removed package): each is a full fp32 copy, hundreds of MB."""
+    """Remove earlier fp32 conversions (hundreds of MB) of this file name whose source is gone or changed."""
     for d in cache_dir().glob(f"{path.stem}-*"):
         if d == keep or ".tmp" in d.name or not (d / "DONE").exists():
             continue
@@ -149,13 +148,26 @@ def dummy_weights(shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int, devi
             torch.empty(shape, device=device).uniform_(-1e-3, 1e-3, generator=g)
 
 
-def load_hf_config(path: Path) -> object:
-    from transformers import AutoConfig
+# what a config.json of the families served may leave out: transformers' defaults (the same in all five)
+CONFIG_DEFAULTS = {"model_type": "", "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "sliding_window": None,
+                   "decoder_sparse_step": 1, "norm_topk_prob": False, "mlp_only_layers": []}
 
+
+def load_hf_config(path: Path) -> SimpleNamespace:
+    """config.json read without transformers, whose config classes import its generation stack (seconds of
+    start-up, 2.5 with scikit-learn installed); tests check it against AutoConfig on what the engine reads."""
     try:
-        return AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError) as e:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the model config in {str(path)!r}: {e}") from e
+    cfg = SimpleNamespace(**{**CONFIG_DEFAULTS, **(raw if isinstance(raw, dict) else {})})
+    if cfg.model_type.startswith("qwen") and not getattr(cfg, "use_sliding_window", False):
+        cfg.sliding_window = None  # Qwen's configs name a window that is off unless use_sliding_window
+    elif cfg.model_type == "mistral" and "sliding_window" not in raw:
+        cfg.sliding_window = 4096  # transformers' default for Mistral
+    cfg.mlp_only_layers = cfg.mlp_only_layers or []
+    cfg.num_experts = raw.get("num_local_experts", getattr(cfg, "num_experts", 0))  # transformers 5 saves that
+    return cfg
 
 
 def has_tokenizer(path: Path) -> bool:

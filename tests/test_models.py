@@ -117,17 +117,54 @@ def test_moe_dummy_weights_under_transformers_names(tmp_path, llm_check):
 def test_checkpoint_shapes_are_transformers_own(tmp_path, kind, tied):
     """Dummy weights are drawn under checkpoint_shapes' names and shapes, listed from the config instead
     of building transformers' model: they must be exactly that model's parameters."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from aengine.models import model_class
     from aengine.weights import load_hf_config
 
-    cfg = load_hf_config(build_tiny(kind, tmp_path / "m", tie_word_embeddings=tied))
+    path = build_tiny(kind, tmp_path / "m", tie_word_embeddings=tied)
+    cfg = load_hf_config(path)
     with torch.device("meta"):
-        want = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        want = {n: tuple(p.shape) for n, p in hf.named_parameters()}
     with torch.device("meta"):
         got = list(model_class(cfg)(cfg).checkpoint_shapes(cfg))
     assert len(got) == len(dict(got)) and dict(got) == want
+
+
+# what the engine reads of a config, with the default it reads an absent one as (None: it reads it directly)
+READ = dict.fromkeys(("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "sliding_window")) | {
+    "tie_word_embeddings": False, "attention_bias": False, "num_key_value_heads": "heads", "head_dim": None}
+READ_MOE = dict.fromkeys(("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "norm_topk_prob",
+                          "num_experts")) | {"mlp_only_layers": []}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral"])
+@pytest.mark.parametrize("minimal", [False, True], ids=["saved", "minimal"])
+def test_config_reads_as_transformers_does(tmp_path, kind, minimal):
+    """load_hf_config reads config.json without transformers: what the engine reads must equal AutoConfig's,
+    for a saved config and for one reduced to the keys a family cannot do without (the rest: defaults)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from aengine.layers.rotary import rope_params
+    from aengine.weights import load_hf_config
+
+    window = {"sliding_window": 64, **({"use_sliding_window": True} if kind == "qwen2" else {})}
+    path = build_tiny(kind, tmp_path / "m", **window)
+    if minimal:
+        raw = json.loads((path / "config.json").read_text())
+        keep = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts",
+                "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"}
+        (path / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k in keep}))
+    ours, theirs = load_hf_config(path), AutoConfig.from_pretrained(path)
+    for name, default in (READ | (READ_MOE if kind == "qwen3_moe" else {})).items():
+        default = ours.num_attention_heads if default == "heads" else default
+        assert getattr(ours, name, default) == getattr(theirs, name, default), name
+    assert rope_params(ours) == (rope_params(theirs)[0], {}) or rope_params(ours) == rope_params(theirs)
 
 
 def test_sliding_window_caps_the_context(tmp_path, llm_check):

@@ -27,12 +27,10 @@ class TorchBackend(AttentionBackend):
         for i, n in enumerate(fb.seq_lens_cpu):
             s, e = self.qo[i], self.qo[i + 1]
             qi = q[s:e].transpose(0, 1)  # [H, q, D]
-            ki, vi = self.pool.read(layer, self.kv_idx[i], q.dtype)
-            ki = ki.transpose(0, 1).repeat_interleave(group, 0)
-            vi = vi.transpose(0, 1).repeat_interleave(group, 0)
-            qlen = e - s
-            # query j sits at absolute position n - qlen + j and sees keys up to it
+            kv = self.pool.read(layer, self.kv_idx[i], q.dtype)
+            ki, vi = (t.transpose(0, 1).repeat_interleave(group, 0) for t in kv)
+            # query j sits at absolute position n - (e - s) + j and sees keys up to it
             ar = torch.arange(n, device=q.device)
-            mask = ar[None, :] <= ar[n - qlen :, None]
+            mask = ar[None, :] <= ar[n - (e - s) :, None]
             out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(0, 1)
         return out

@@ -45,7 +45,6 @@ class KVPool:
         store = torch.uint8 if self.fp8 else dtype
         self.k = alloc(shape, dtype=store, device=device).view(dtype)
         self.v = alloc(shape, dtype=store, device=device).view(dtype)
-        self._flat = [tuple(c[i].view(-1, *shape[3:]) for c in (self.k, self.v)) for i in range(num_layers)]
         # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write, a [layers, 2]
         # fp32 tensor of reciprocals (read on the device: nothing on the host changes under a captured graph)
         sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
@@ -80,5 +79,5 @@ class KVPool:
         return tuple((x * s if s != 1.0 else x).to(dtype) for x, s in zip(kv, scales))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_pages * page_size, kv_heads, head_dim] views of one layer (made once: read per layer, per step)."""
-        return self._flat[layer]
+        """[num_pages * page_size, kv_heads, head_dim] views of one layer."""
+        return tuple(c[layer].view(-1, *c.shape[3:]) for c in (self.k, self.v))

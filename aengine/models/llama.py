@@ -33,10 +33,8 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        theta, rp = rope_params(cfg)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, theta, rp)
-        half = self.head_dim // 2
-        self.fusable = half & (half - 1) == 0  # the fused kernel tiles half a head: a power of two
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, *rope_params(cfg))
+        self.fusable = (half := self.head_dim // 2) & (half - 1) == 0  # the fused kernel tiles half a head: 2^n
         # FP8 KV cache scales (stored = k / k_scale): from the checkpoint when it ships them, else 1.0
         self.k_scale, self.v_scale = 1.0, 1.0
 

@@ -68,8 +68,7 @@ class CudaGraphs:
                  time.perf_counter() - t0)
 
     def release(self) -> None:
-        """Free the graphs. Graphs that captured NCCL collectives keep its communicator busy, and
-        tearing NCCL down while they live blocks forever (pytorch/pytorch#115388)."""
+        """Free the graphs: NCCL's teardown blocks while graphs that captured its collectives live (pytorch#115388)."""
         for g in self.graphs.values():
             g.reset()
         self.graphs.clear()

@@ -97,30 +97,26 @@ class ModelRunner:
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
         """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""
-        per_token = KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.kv_dtype)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - self.cfg.gpu_memory_utilization)
-            tokens = int(budget // per_token)
-            if tokens < MIN_AUTO_TOKENS:  # else a "working" engine whose context is a handful of tokens
-                raise ValueError(f"only {max(tokens, 0)} tokens of KV cache fit: {free / 2**30:.1f} of "
-                                 f"{total / 2**30:.1f} GiB free, --gpu-memory-utilization "
-                                 f"{self.cfg.gpu_memory_utilization}; free GPU memory, raise that, or give --num-pages")
-        else:
-            tokens = self.cfg.kv_cache_tokens
+        if self.device.type != "cuda":
+            return max(2, self.cfg.kv_cache_tokens // self.page_size)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - total * (1 - self.cfg.gpu_memory_utilization)
+        tokens = int(budget // KVPool.bytes_per_token(self.num_layers, kv_heads, head_dim, self.kv_dtype))
+        if tokens < MIN_AUTO_TOKENS:  # else a "working" engine whose context is a handful of tokens
+            raise ValueError(f"only {max(tokens, 0)} tokens of KV cache fit ({free / 2**30:.1f} of {total / 2**30:.1f} "
+                             f"GiB free): free GPU memory, raise --gpu-memory-utilization or give --num-pages")
         return max(2, tokens // self.page_size)
 
     def _kv_scales(self) -> list[tuple[float, float]] | None:
         """Per-layer (k_scale, v_scale) for an FP8 pool: the checkpoint's, else 1.0 (logged)."""
         loaded = getattr(self.model, "kv_scales_loaded", 0)
         scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in self.model.layers]
-        if tp().rank == 0 and self.kv_dtype == FP8:
-            if loaded:
-                ks, vs = zip(*scales)
-                log.info("FP8 KV scales from the checkpoint (%d tensors): k %.4g..%.4g, v %.4g..%.4g",
-                         loaded, min(ks), max(ks), min(vs), max(vs))
-            else:
-                log.info("FP8 KV scales: 1.0 (the checkpoint has none; K/V beyond +-448 saturate)")
+        if tp().rank == 0 and self.kv_dtype == FP8 and loaded:
+            ks, vs = zip(*scales)
+            log.info("FP8 KV scales from the checkpoint (%d tensors): k %.4g..%.4g, v %.4g..%.4g",
+                     loaded, min(ks), max(ks), min(vs), max(vs))
+        elif tp().rank == 0 and self.kv_dtype == FP8:
+            log.info("FP8 KV scales: 1.0 (the checkpoint has none; K/V beyond +-448 saturate)")
         elif tp().rank == 0 and loaded:
             log.info("the checkpoint's %d KV scale tensors are unused: the KV cache is %s", loaded,
                      dtype_name(self.kv_dtype))

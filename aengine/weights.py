@@ -157,11 +157,11 @@ def load_hf_config(path: Path) -> SimpleNamespace:
     """config.json read without transformers, whose config classes import its generation stack (seconds of
     start-up, 2.5 with scikit-learn installed); tests check it against AutoConfig on what the engine reads."""
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
+        raw = dict(json.loads((path / "config.json").read_text()))  # not a JSON object: TypeError, ValueError
+    except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot read the model config in {str(path)!r}: {e}") from e
-    cfg = SimpleNamespace(**{**CONFIG_DEFAULTS, **(raw if isinstance(raw, dict) else {})})
-    if cfg.model_type.startswith("qwen") and not getattr(cfg, "use_sliding_window", False):
+    cfg = SimpleNamespace(**{**CONFIG_DEFAULTS, **raw})
+    if str(cfg.model_type).startswith("qwen") and not getattr(cfg, "use_sliding_window", False):
         cfg.sliding_window = None  # Qwen's configs name a window that is off unless use_sliding_window
     elif cfg.model_type == "mistral" and "sliding_window" not in raw:
         cfg.sliding_window = 4096  # transformers' default for Mistral

@@ -104,6 +104,10 @@ def test_unknown_model(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLM(str(tmp_path), load_format="dummy")
+    for bad in ("{not json", "[1, 2]", "null", '"text"'):  # read without transformers: each is one clear error
+        (tmp_path / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match="cannot read the model config"):
+            LLM(str(tmp_path), load_format="dummy")
 
 
 def test_borrowed_tokenizer_beyond_vocab(tmp_path, llm_check):

@@ -93,3 +93,33 @@ def test_preemption_and_two_large_requests(mixed):
 
     kv_leak_free(llm)
     llm.close()
+
+
+def test_admission_first_then_chunks_alternate(llm_check):
+    """Prompts that can be admitted are prefilled before anything decodes (a burst puts no prefill step
+    between two tokens of the running requests); an admitted long prompt's remaining chunks alternate
+    with the decode steps of the others (docs/architecture.md, "Chunked prefill")."""
+    llm = LLM(dtype="float32", device="cpu", max_prefill_tokens=32)
+    llm_check(llm)
+    sched, ex = llm.engine.scheduler, llm.engine.executor
+    steps: list[tuple[bool, int]] = []  # (decode, requests waiting) at each launch
+    launch = ex.launch
+
+    def record(inp, *more):
+        steps.append((inp.decode, len(sched.waiting)))
+        return launch(inp, *more)
+
+    ex.launch = record
+    long = [{"role": "user", "content": SYSTEM * 2 + "Summarise the above."}]
+    # the long prompt last: once it is admitted nothing waits, and the four others decode
+    outs = llm.chat(convs()[:4] + [long], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert all(len(o.token_ids) == 24 for o in outs)
+    first_decode = next(i for i, (dec, _) in enumerate(steps) if dec)
+    assert all(w == 0 for dec, w in steps if dec), steps  # nothing decoded while a prompt waited
+    assert not steps[0][0] and all(not dec for dec, _ in steps[:first_decode])
+    later = steps[first_decode:]
+    chunks_after = sum(not dec for dec, _ in later)
+    assert chunks_after >= 2, steps  # the long prompt was still being prefilled when the others decoded
+    assert all(a[0] or b[0] for a, b in zip(later, later[1:])), steps  # ...one chunk between decode steps
+    del ex.launch
+    llm.close()

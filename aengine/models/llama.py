@@ -178,10 +178,8 @@ class LlamaForCausalLM(nn.Module):
         s = float(w.float().max())
         if not s > 0 or s == float("inf"):
             raise ValueError(f"layer {layer}: {kind} {s} in the checkpoint is not a positive finite scale")
-        if kind in ("k_scale", "kv_scale"):
-            attn.k_scale = s
-        if kind in ("v_scale", "kv_scale"):
-            attn.v_scale = s
+        attn.k_scale = s if kind != "v_scale" else attn.k_scale  # kv_scale sets both
+        attn.v_scale = s if kind != "k_scale" else attn.v_scale
         self.kv_scales_loaded += 1
 
 

@@ -48,9 +48,7 @@ class Metrics:
                                   "Full (generation 2) garbage collections: each pauses the loop.",
                                   (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self._gc_t0 = 0.0
-        # a full collection walks every tracked object (~300k with torch and transformers loaded,
-        # ~100-200 ms on a slow core): if a latency tail lines up with these, GC is the cause
-        gc.callbacks.append(self._on_gc)
+        gc.callbacks.append(self._on_gc)  # a latency tail that lines up with these is GC's (run_server: gc.freeze)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if info["generation"] == 2 and phase == "start":

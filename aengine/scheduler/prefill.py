@@ -39,11 +39,9 @@ class PrefillPlanner:
             if req.prefix_key is not None and req.prefix_key in pending:
                 i += 1
                 continue
-            need = -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps)
-            if need + reserve > self.kv.available() and (self.running or chosen):
-                break  # wait for memory rather than thrash
-            if not self._admit(req):
-                break
+            if not self._fits(req, reserve) and (self.running or chosen):
+                break  # wait for a slot or for memory rather than thrash (alone, a prompt goes in anyway)
+            self._admit(req)
             del self.waiting[i]
             if req.tree_len < PREFIX_KEY:
                 pending.add(req.prefix_key)
@@ -55,19 +53,19 @@ class PrefillPlanner:
         return chosen if len(chosen) > len(decoding) else None
 
     def can_admit(self) -> bool:
-        """Whether the first waiting prompt would get a slot and its pages now (no side effect)."""
-        req = self.waiting[0] if self.waiting and self.free_slots and len(self.running) < self.max_running else None
-        return req is not None and -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps) + sum(
-            not r.prefilling for r in self.running) <= self.kv.available()
+        """Whether plan() would admit the first waiting prompt now (no side effect)."""
+        return bool(self.waiting) and self._fits(self.waiting[0], sum(not r.prefilling for r in self.running))
 
-    def _admit(self, req: Req) -> bool:
-        """Give a waiting request a slot and its cached prefix."""
-        if not self.free_slots or len(self.running) >= self.max_running:
-            return False
+    def _fits(self, req: Req, reserve: int) -> bool:
+        """A slot is free and req's uncached pages fit beside `reserve`, the next decode step's pages."""
+        need = -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps)
+        return bool(self.free_slots) and len(self.running) < self.max_running and need + reserve <= self.kv.available()
+
+    def _admit(self, req: Req) -> None:
+        """Give a waiting request a slot (plan() checked that one is free) and its cached prefix."""
         self.kv.attach_prefix(req)
         if not req.output_ids:
             req.cached_tokens = req.kv_len
         self.stats.cache_hit_tokens += req.kv_len
         req.slot = self.free_slots.pop()
         self.running.append(req)
-        return True

@@ -131,3 +131,10 @@ def test_offline_w2_and_w6_tp2() -> None:
                 "dummy", "--w6-batch", "4", "--w2-prompt-len", "8", "--w2-output-len", "6", "--no-progress",
                 "--kv-cache-tokens", "2048", "--json")
     assert w6["tp"] == 2 and w6["batch"] == 4 and w6["output_tokens"] == 24 and finite(w6["decode_tok_per_s"])
+
+
+def test_startup() -> None:
+    (r,) = run("benchmarks/startup.py", "--model", str(TINY), "--load-format", "dummy", "--device", "cpu", "--json")
+    assert r["tracked_objects"] > 0 and finite(r["import_s"]) and finite(r["engine_s"])
+    assert len(r["full_gc_ms"]) == len(r["full_gc_frozen_ms"]) == 3
+    assert all(map(finite, r["full_gc_ms"] + r["full_gc_frozen_ms"]))

@@ -211,6 +211,16 @@ def step_stats(steps: list[Step]) -> dict[str, Any]:
     return out
 
 
+def print_cprofile(prof: cProfile.Profile, title: str, steps: int, cols: tuple[str, str], top: int) -> None:
+    """The top functions of a cProfile in ms per step, sorted by the first of cols ("self" or "cum")."""
+    print(f"\n{title}, cProfile, ms per step:")
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((*({"self": v[2], "cum": v[3]}[c] for c in cols), f"{Path(k[0]).name}:{k[1]}({k[2]})")
+                   for k, v in stats.items()), reverse=True)
+    for a, b, name in rows[:top]:
+        print(f"  {cols[0]} {a * 1e3 / steps:7.3f}  {cols[1]} {b * 1e3 / steps:7.3f}  {name}")
+
+
 def time_masks(g: Any) -> list[tuple[float, float]]:
     """Wraps Grammars.advance_and_fill: per job, (ms from submit to done, ms the loop waited in result())."""
     out: list[tuple[float, float]] = []
@@ -274,19 +284,11 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
               " in all")
         st["grammar_job_ms"], st["grammar_wait_ms"] = job, wait
     if rec.host is not None:  # cProfile's own cost inflates these: read them as shares, not times
-        print(f"\nthe loop thread over decode steps {args.host_window[0]}.. ({args.host_window[1]} steps), "
-              "cProfile, ms per step:")
-        st_ = pstats.Stats(rec.host)
-        rows = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st_.stats.items()), reverse=True)
-        for tot, cum, name in rows[:25]:
-            print(f"  self {tot * 1e3 / args.host_window[1]:7.3f}  cum {cum * 1e3 / args.host_window[1]:7.3f}  {name}")
+        print_cprofile(rec.host, f"the loop thread over decode steps {args.host_window[0]}.. "
+                       f"({args.host_window[1]} steps)", args.host_window[1], ("self", "cum"), 25)
     n_pf = sum(s.kind != "decode" for s in steps)
     if rec.pre_host is not None and n_pf:
-        print(f"\nlaunch() of the main run's {n_pf} prefill steps, cProfile, ms per step:")
-        st_ = pstats.Stats(rec.pre_host)
-        rows = sorted(((v[3], v[2], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st_.stats.items()), reverse=True)
-        for cum, tot, name in rows[:30]:
-            print(f"  cum {cum * 1e3 / n_pf:7.3f}  self {tot * 1e3 / n_pf:7.3f}  {name}")
+        print_cprofile(rec.pre_host, f"launch() of the main run's {n_pf} prefill steps", n_pf, ("cum", "self"), 30)
     win = [s for s in steps if s.profiled]
     dec = [s for s in win if s.kind == "decode"]
     n_pre = sum(s.kind != "decode" for s in pre_steps)

@@ -115,15 +115,11 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
     ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
         --window 1,2 --host-prefill ;;
-    w4|w4:*) extra=${s#w4}; extra=${extra#:}; extra=${extra//,/ }
-      run "w4 ${extra:-default}" w4.log python3 benchmarks/load.py --workload random --num-prompts 256 \
-        --spawn "--model $Q06 --load-format dummy --tokenizer .tok $extra" --request-rate 32,inf \
-        --connections 16 --label "W4 ${extra:-default}" --json "$LOGS/w4.jsonl"
-      grep -E "^rate|throughput|ITL|server" "$LOGS/w4.log" | tail -n 10 | tee -a "$LOGS/run.log" ;;
-    w4-base|w4-base:*) extra=${s#w4-base}; extra=${extra#:}; extra=${extra//,/ }
-      run "w4 of .base ${extra:-default}" w4.log python3 .base/benchmarks/load.py --workload random --num-prompts 256 \
+    w4|w4:*|w4-base|w4-base:*) tree=. lab=W4; [[ $s == w4-base* ]] && tree=.base lab="W4 base"
+      extra=${s#w4}; extra=${extra#-base}; extra=${extra#:}; extra=${extra//,/ }
+      run "w4 of $tree ${extra:-default}" w4.log python3 $tree/benchmarks/load.py --workload random --num-prompts 256 \
         --spawn "--model $Q06 --load-format dummy --tokenizer $PWD/.tok $extra" --request-rate 32,inf \
-        --connections 16 --label "W4 base ${extra:-default}" --json "$LOGS/w4.jsonl"
+        --connections 16 --label "$lab ${extra:-default}" --json "$LOGS/w4.jsonl"
       grep -E "^rate|throughput|ITL|server" "$LOGS/w4.log" | tail -n 10 | tee -a "$LOGS/run.log" ;;
     w1:*) extra=${s#w1:}; extra=${extra//,/ }
       bench "w1 $extra" --workload w1 --model $Q06 $extra ;;

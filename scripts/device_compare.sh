@@ -4,6 +4,8 @@
 # $BUDGET_S seconds (default 540) so that one call ends inside a 10-minute limit with its logs.
 #   peer      Mini-SGLang's own offline benchmark (W1) through the peer kit in ./.peer
 #             (run_peer.sh; it also compiles the flashinfer kernels both engines use)
+#   peer-nooverlap  the same benchmark with Mini-SGLang's overlap scheduling off
+#             (MINISGL_DISABLE_OVERLAP_SCHEDULING=1); after `peer`, which installs it
 #   w1        aengine W1, overlap on and off (benchmarks/offline.py)
 #   w1-base[:FLAGS]  W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
@@ -68,6 +70,12 @@ for s in $stages; do
         bash .peer/run_peer.sh > "$LOGS/peer.log" 2>&1
       log "  rc=$? $(grep -E '^PEER (OK|FAILED)' "$LOGS/peer.log" | tail -n 1)"
       [ -f "$LOGS/peer/peer-minisgl.jsonl" ] && cat "$LOGS/peer/peer-minisgl.jsonl" >> "$LOGS/figures.jsonl" ;;
+    peer-nooverlap) [ -d /tmp/q06 ] || { log "skip peer-nooverlap: run peer first"; continue; }
+      peer_env
+      run "peer, overlap off" peer-nooverlap.log env MINISGL_DISABLE_OVERLAP_SCHEDULING=1 \
+        PYTHONPATH=$PEERPATH:$PYTHONPATH FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fi} \
+        python3 .peer/bench_peer.py --model /tmp/q06 --attn fi --json "$LOGS/peer-nooverlap.jsonl"
+      grep '^Total: ' "$LOGS/peer-nooverlap.log" | tee -a "$LOGS/run.log" ;;
     w1) bench "w1 overlap" --workload w1 --model $Q06
         bench "w1 no-overlap" --workload w1 --model $Q06 --disable-overlap ;;
     w1-base|w1-base:*) extra=${s#w1-base}; extra=${extra#:}; extra=${extra//,/ }

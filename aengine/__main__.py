@@ -1,7 +1,5 @@
 """CLI: python -m aengine [options]. Each EngineConfig/ServerConfig field is a generated flag: none is forgotten."""
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import logging
@@ -48,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 # Inclusive ranges (None: unbounded) checked at parsing: a bad number is one line, not an error after the load.
 RANGES = {"port": (0, 65535), "gpu_memory_utilization": (0.01, 1.0), **dict.fromkeys(
     "node_rank page_size num_pages max_prefill_tokens_decoding max_model_len cuda_graph_max_bs max_tokens_limit "
-    "drain_seconds".split(), (0, None)), **dict.fromkeys(
+    "piecewise_cuda_graph_max_tokens drain_seconds".split(), (0, None)), **dict.fromkeys(
     "tp nnodes kv_cache_tokens max_running_requests max_prefill_tokens max_frame_bytes max_requests_per_connection "
     "max_connections max_waiting_requests max_waiting_bytes max_waiting_bytes_per_connection send_buffer_bytes".split(),
     (1, None))}

@@ -1,7 +1,5 @@
 """Every knob of the engine and the server, with its default and --help text (python -m aengine: one flag each)."""
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated as H
@@ -31,12 +29,14 @@ class EngineConfig:
     enable_mixed_chunk: H[bool, "decode running requests inside prefill steps (which skip CUDA graphs)"] = False
     attn: H[str, "attention: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi"] = "auto"
     cuda_graph_max_bs: H[int, "largest decode batch captured as a CUDA graph (0: no CUDA graphs)"] = 256
+    piecewise_cuda_graph_max_tokens: H[int, "largest prefill step replayed as CUDA graphs between eager attentions "
+                                            "(0: prefill runs eagerly)"] = 2048
     tp: H[int, "tensor-parallel degree (GPUs per model replica)"] = 1
     nnodes: H[int, "number of nodes for multi-node tensor parallelism"] = 1
     node_rank: H[int, "this node's rank for multi-node tensor parallelism"] = 0
     dist_init_addr: H[str | None, "host:port of rank 0 for multi-node tensor parallelism"] = None
 
-    def replace(self, **kw: object) -> EngineConfig:
+    def replace(self, **kw: object) -> "EngineConfig":
         return dataclasses.replace(self, **kw)
 
 

@@ -1,7 +1,5 @@
 """Tensor-parallel state: this process's rank and the group it all-reduces over."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

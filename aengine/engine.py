@@ -1,8 +1,6 @@
 """AsyncEngine: the one object every front end (the offline LLM, the shell, the server) drives. It loads the
 model, owns the scheduler coroutine, validates requests and tokenizes. Callers see only aengine.types values."""
 
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import logging

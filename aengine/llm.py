@@ -1,7 +1,5 @@
 """The offline API: LLM.generate / LLM.chat, driving the server's scheduler coroutine on a private event loop."""
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import itertools
@@ -108,7 +106,7 @@ class LLM:
         with contextlib.suppress(Exception):  # a forgotten close() should not leave a scheduler task behind
             self.close()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc: object) -> None:

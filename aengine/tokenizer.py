@@ -1,7 +1,5 @@
 """Tokenizer front: chat template, detokenization that never splits a character, stop strings never partly leaked."""
 
-from __future__ import annotations
-
 import functools
 import json
 from pathlib import Path

@@ -1,7 +1,5 @@
 """The public values above the scheduler: sampling parameters, request deltas and outputs, engine stats, errors."""
 
-from __future__ import annotations
-
 import json
 import math
 from collections.abc import Callable

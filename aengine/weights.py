@@ -1,7 +1,5 @@
 """Where weights come from: HF safetensors, a GGUF file (dequantized once into a cached HF dir), or dummy values."""
 
-from __future__ import annotations
-
 import functools
 import hashlib
 import importlib.util

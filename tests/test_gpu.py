@@ -246,6 +246,25 @@ def test_engine_logits_match_torch_backend(name: str, graphs: int, qwen3_dir: st
     assert not bad, f"steps over 2e-2 (step, error, logits shape): {bad}; all: {errs}"
 
 
+@pytest.mark.parametrize("name", FAST)
+def test_prefill_graphs_match_eager(name: str, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Piecewise prefill graphs (steps padded to a bucket, attention eager between the pieces) against eager
+    prefill, every step compared (chunked prompts, prefixes from the radix cache, decode after)."""
+    from aengine.runtime.cuda_graph import CudaGraphs
+
+    replays, orig = [], CudaGraphs.prefill
+    monkeypatch.setattr(CudaGraphs, "prefill", lambda self, fb: replays.append(len(fb.input_ids)) or orig(self, fb))
+    ps, ids = PAGES[name][-1], []
+    ref, _ = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, piecewise_cuda_graph_max_tokens=0,
+                           sampled=ids)
+    assert not replays
+    got, _ = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, force=ids)
+    assert len(replays) >= 4 and any(n % 16 for n in replays), replays  # padded steps among them
+    errs = [rel(a, b) for a, b in zip(got, ref)]
+    print(f"{name}: {len(ref)} steps, prefill steps replayed {replays}, errors {errs}")
+    assert len(ref) == len(got) and max(errs) <= 1e-2, errs
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_logits_match_tp1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Qwen3-8B shape with dummy weights (drawn whole, then sharded: the same model at any tp):

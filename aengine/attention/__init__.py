@@ -1,7 +1,5 @@
 """Attention backends on the paged KV cache. `torch` is the reference every fast one is tested against."""
 
-from __future__ import annotations
-
 import torch
 
 from aengine.attention.base import FP8_REFUSED, AttentionBackend, ForwardBatch, current, forward_context

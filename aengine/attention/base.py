@@ -1,7 +1,5 @@
 """The attention backend interface, and the forward context layers read it from (not threaded through each layer)."""
 
-from __future__ import annotations
-
 import contextlib
 import threading
 from collections.abc import Iterator

@@ -1,8 +1,6 @@
 """FlashAttention on the paged pool: flash-attn-4's `flash_attn.cute` (Hopper and newer), else the
 classic `flash_attn`. Both read the pool's K/V as they are, with our page table's rows by slot."""
 
-from __future__ import annotations
-
 import torch
 
 from aengine.attention.base import FP8_REFUSED, AttentionBackend, ForwardBatch

@@ -1,8 +1,6 @@
 """FlashInfer paged attention: prefill and decode wrappers planned once per step for every layer, one per
 graph bucket; the pool is flashinfer's "NHD" layout as it is. FP8 KV and XQA decode: docs/gpu.md."""
 
-from __future__ import annotations
-
 import numpy as np
 import torch
 

@@ -1,8 +1,6 @@
 """Reference attention in plain torch: gather each sequence's K/V from its pages (dequantized if FP8), SDPA
 with a causal mask offset by the cached prefix. Slow and obviously right."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

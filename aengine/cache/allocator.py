@@ -1,7 +1,5 @@
 """Hands out KV pages. Page 0 is never handed out: padded rows of a CUDA graph write there."""
 
-from __future__ import annotations
-
 
 class PageAllocator:
     def __init__(self, num_pages: int) -> None:

@@ -1,8 +1,6 @@
 """The paged KV pool: per layer K and V [num_pages, page_size, kv_heads, head_dim], in the model dtype or
 float8_e4m3fn with a k_scale and v_scale per layer, 1.0 without checkpoint scales (docs/gpu.md, FP8 KV)."""
 
-from __future__ import annotations
-
 import torch
 
 FP8 = torch.float8_e4m3fn

@@ -1,8 +1,6 @@
 """flashinfer's fused kernels for half-precision CUDA tensors, or None: callers fall back to torch (fp32, the
 reference); and SiLU-and-mul. AENGINE_NO_FUSED=1 turns them off (to measure or rule them out)."""
 
-from __future__ import annotations
-
 import os
 from types import ModuleType
 

@@ -1,7 +1,5 @@
 """Linear layers sharded for tensor parallelism; each parameter knows how to load its shard."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,8 +1,6 @@
 """Mixture-of-experts MLP (Qwen3-MoE): top-k softmax router, SwiGLU experts sliced by TP (docs/tp.md).
 CUDA half precision: two grouped GEMMs, no host syncs (docs/gpu.md); elsewhere an expert loop, the reference."""
 
-from __future__ import annotations
-
 import functools
 
 import torch

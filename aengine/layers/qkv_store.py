@@ -1,8 +1,6 @@
 """One Triton kernel from the QKV projection to attention: q/k RMSNorm (Qwen3), rotary, and the KV pool
 write (quantized as cache/pool.py:quantize for FP8). Why and what it needs: docs/gpu.md. CUDA half only."""
 
-from __future__ import annotations
-
 import os
 
 import torch

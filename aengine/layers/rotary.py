@@ -1,7 +1,5 @@
 """Rotary position embedding (HF Llama/Qwen's rotate-half layout) with the default, linear and llama3 scalings."""
 
-from __future__ import annotations
-
 import math
 
 import torch

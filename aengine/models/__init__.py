@@ -1,7 +1,5 @@
 """Registry: HF `architectures` name -> our module."""
 
-from __future__ import annotations
-
 from torch import nn
 
 from aengine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM

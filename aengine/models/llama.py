@@ -1,8 +1,6 @@
 """Llama-family decoder (Llama-3.x, SmolLM2, Mistral) over a flat token batch; Qwen2/Qwen3 switch on a qkv bias
 or q/k norms, Qwen3-MoE expert MLPs in the layers its config makes sparse. HF weight names load directly."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Iterable, Iterator
 

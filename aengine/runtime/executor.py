@@ -3,8 +3,6 @@ CPU: the step runs in one worker thread (steps stay in order). CUDA: kernels are
 the loop thread on the runner's stream, the ids are copied to pinned host memory, and a CUDA
 event is awaited from a helper thread, so the loop keeps serving while the GPU works."""
 
-from __future__ import annotations
-
 import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 

@@ -1,7 +1,5 @@
 """The model runner: the model, KV pool, page table and per-slot last sampled token; a StepInput in, ids out."""
 
-from __future__ import annotations
-
 import logging
 import time
 from collections.abc import Callable
@@ -93,7 +91,8 @@ class ModelRunner:
                                else create_backend(decode_attn, **kw))
         self.graphs = None
         if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0:
-            self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1))
+            self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1),
+                                     self.prefill_backend, cfg.piecewise_cuda_graph_max_tokens)
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
         """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""
@@ -159,7 +158,7 @@ class ModelRunner:
             input_ids[: inp.decoding] = self.last_tok[d_slots[: inp.decoding].long()]
         fb = ForwardBatch(inp.decode, input_ids, pos, out_loc, d_slots, d_seq, d_qo, d_sidx.long(),
                           inp.seq_lens, inp.extend_lens)
-        if self.graphs is not None and inp.decode and self.graphs.can_run(fb):
+        if self.graphs is not None and self.graphs.can_run(fb):  # decode, and prefill steps up to a size
             hidden = self.graphs.run(fb)
         else:
             backend = self.decode_backend if inp.decode else self.prefill_backend

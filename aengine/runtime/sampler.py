@@ -1,8 +1,6 @@
 """Sampling: greedy, temperature, top-k, top-p, min-p; a seeded row's noise comes from (seed, position), not
 the batch. Plain temperature sampling on CUDA is one Triton Gumbel-max pass (docs/gpu.md)."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 

@@ -1,8 +1,6 @@
 """What the scheduler sends the model runner each step: plain lists, msgspec-encodable, so that
 tensor-parallel ranks receive exactly what rank 0 runs."""
 
-from __future__ import annotations
-
 import msgspec
 
 

@@ -1,7 +1,5 @@
 """Turning the chosen (request, tokens) rows into the StepInput the model runner executes."""
 
-from __future__ import annotations
-
 from aengine.runtime.step import StepInput
 from aengine.scheduler.request import Req
 from aengine.types import EngineStats

@@ -1,7 +1,5 @@
 """Decode steps: a page for each running request whose next token starts one; preemption when the pool runs dry."""
 
-from __future__ import annotations
-
 from collections import deque
 
 from aengine.scheduler.kv import KVManager

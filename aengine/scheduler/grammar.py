@@ -3,8 +3,6 @@ in size and time) into a cached matcher. Each step, a worker thread advances the
 tokens just sampled and fills the next step's masks (llguidance's threads, without the GIL) while
 the loop thread turns the same tokens into text and the step's forward runs on the device."""
 
-from __future__ import annotations
-
 import asyncio
 import functools
 import importlib

@@ -1,8 +1,6 @@
 """Which KV pages each request holds: the page allocator, the radix prefix cache, and the request
 side of both (a request's pages begin with those of its locked radix path)."""
 
-from __future__ import annotations
-
 from aengine.cache.allocator import PageAllocator
 from aengine.cache.radix import RadixCache
 from aengine.scheduler.request import Req

@@ -1,7 +1,5 @@
 """Admission and chunked prefill: the prompts (and their tokens) of the next prefill step, within budget and pages."""
 
-from __future__ import annotations
-
 from collections import deque
 
 from aengine.scheduler.kv import KVManager

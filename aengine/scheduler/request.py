@@ -1,7 +1,5 @@
 """A request as the scheduler keeps it (tokens, KV state, progress); callers see only aengine.types values."""
 
-from __future__ import annotations
-
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +36,7 @@ class Req:
     t_first: float = 0.0
     t_last: float = 0.0
     index: int = 0  # which of the request's n completions
-    group: list[Req] = field(default_factory=list)  # n > 1: all n copies (scheduler.Scheduler._fork)
+    group: "list[Req]" = field(default_factory=list)  # n > 1: all n copies (scheduler.Scheduler._fork)
     logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:

@@ -1,7 +1,5 @@
 """A step's sampled token for a request: whether it ends it, and the RequestDelta/RequestOutput its caller gets."""
 
-from __future__ import annotations
-
 import time
 
 from aengine.scheduler.request import Req

@@ -5,8 +5,6 @@ decode steps (why, and --enable-mixed-chunk: docs/architecture.md, "Chunked pref
 Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
 decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
 
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import logging

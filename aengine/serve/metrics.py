@@ -1,7 +1,5 @@
 """Prometheus text for /metrics: a few counters and histograms; the format is too small to need a client library."""
 
-from __future__ import annotations
-
 import asyncio
 import bisect
 import gc
@@ -63,7 +61,7 @@ class Metrics:
     def finished(self, reason: str) -> None:
         self.requests[reason] = self.requests.get(reason, 0) + 1
 
-    def render(self, engine: AsyncEngine) -> str:
+    def render(self, engine: "AsyncEngine") -> str:
         st = engine.stats()
         rows = [  # a name ending in _total is a counter, the rest are gauges
             ("aengine_requests_running", "Requests admitted to the batch.", st.running),
@@ -98,7 +96,7 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def debug_state(engine: AsyncEngine, sessions: int) -> dict[str, object]:
+def debug_state(engine: "AsyncEngine", sessions: int) -> dict[str, object]:
     """GET /debug/state (--debug-state): counts and the engine's integrity check, for tests outside the process."""
     st = engine.stats()
     counts = "running waiting requests pages_total pages_free pages_used pages_cached pages_evicted".split()

@@ -1,8 +1,6 @@
 """OpenAI's API on the same engine (docs/openai.md): /v1/models, /v1/chat/completions, /v1/completions and
 /v1/responses over HTTP, and the Responses WebSocket mode. msgspec Structs validate a body while it is parsed."""
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import itertools

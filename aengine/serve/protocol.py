@@ -1,8 +1,6 @@
 """Wire types of WebSocket protocol v1 (docs/protocol.md is the contract). JSON text frames,
 typed with msgspec so that a frame is validated while it is parsed, in one pass."""
 
-from __future__ import annotations
-
 import typing
 from typing import Annotated, Literal
 

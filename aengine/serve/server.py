@@ -1,8 +1,6 @@
 """The server: one uvloop event loop runs aiohttp and the scheduler coroutine, on one port: protocol v1 (a Session
 per WebSocket, any path), OpenAI's API under /v1/ (serve/openai.py), GET /health, /metrics, the chat page at /."""
 
-from __future__ import annotations
-
 import asyncio
 import gc
 import hmac

@@ -1,7 +1,5 @@
 """One WebSocket connection: its live requests, multiplexed by the client's ids; a write path coalescing frames."""
 
-from __future__ import annotations
-
 import asyncio
 import ctypes
 import logging

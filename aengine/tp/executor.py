@@ -1,7 +1,5 @@
 """Rank 0's executor under tensor parallelism (TPExecutor)."""
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import multiprocessing.connection

@@ -1,7 +1,5 @@
 """Starting tensor parallelism: checks first, then this node's rank processes and rank 0, the server (docs/tp.md)."""
 
-from __future__ import annotations
-
 import logging
 import multiprocessing as mp
 import socket

@@ -1,7 +1,5 @@
 """One tensor-parallel rank: rendezvous, groups, a step's wire format, ranks > 0's loop, leaving NCCL (docs/tp.md)."""
 
-from __future__ import annotations
-
 import logging
 import os
 import signal

@@ -65,7 +65,7 @@ class CudaGraphs:
             return
         dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        rows = max(max_bs, *prefill_buckets(max_tokens)[-1:])  # ids, positions, slots: decode's and prefill's
+        rows = max([max_bs, *prefill_buckets(max_tokens)])  # ids, positions, slots: decode's and prefill's
         self.ids, self.slots = torch.zeros(rows, **i32), torch.zeros(max_bs, **i32)
         self.pos, self.loc = torch.zeros(rows, **i64), torch.zeros(rows, **i64)
         self.seq = torch.ones(max_bs, **i32)

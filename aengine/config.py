@@ -26,7 +26,7 @@ class EngineConfig:
                                         "latency (0: --max-prefill-tokens)"] = 0
     max_model_len: H[int, "context length in tokens (0: the model's max_position_embeddings)"] = 0
     disable_overlap: H[bool, "run one batch at a time instead of launching batch N+1 before processing batch N"] = False
-    enable_mixed_chunk: H[bool, "decode running requests inside prefill steps (which skip CUDA graphs)"] = False
+    enable_mixed_chunk: H[bool, "decode running requests inside prefill steps"] = False
     attn: H[str, "attention: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi"] = "auto"
     cuda_graph_max_bs: H[int, "largest decode batch captured as a CUDA graph (0: no CUDA graphs)"] = 256
     piecewise_cuda_graph_max_tokens: H[int, "largest prefill step replayed as CUDA graphs between eager attentions "

@@ -115,8 +115,7 @@ class CudaGraphs:
     def _capture_prefill(self, sizes: list[int]) -> None:
         t0, attn, w = time.perf_counter(), self.model.layers[0].self_attn, self.model.embed_tokens.weight
         # one q and one attention output buffer serve every layer: layer i's are read before i+1 writes them
-        self.q, self.o = (torch.zeros(sizes[-1], attn.n_local, attn.head_dim, dtype=w.dtype, device=w.device)
-                          for _ in "qo")
+        self.q, self.o = (w.new_zeros(sizes[-1], attn.n_local, attn.head_dim) for _ in "qo")
         stream = torch.cuda.Stream(w.device)  # graphs cannot be captured on the default stream
         for n in reversed(sizes):
             fb = ForwardBatch(False, self.ids[:n], self.pos[:n], self.loc[:n], self.slots[:1], self.seq[:1],

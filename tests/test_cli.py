@@ -23,6 +23,7 @@ BAD = [
     (["--max-waiting-bytes", "0"], "argument --max-waiting-bytes: 0 is outside"),
     (["--max-waiting-bytes-per-connection", "-1"], "argument --max-waiting-bytes-per-connection: -1 is outside"),
     (["--kv-cache-dtype", "int4"], "argument --kv-cache-dtype: invalid choice"),
+    (["--piecewise-cuda-graph-max-tokens", "-1"], "argument --piecewise-cuda-graph-max-tokens: -1 is outside"),
     (["--tp", "2"], "--tp 2 does not divide the model's 9 attention heads"),  # the embedded model: 9 heads
 ]
 

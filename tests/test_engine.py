@@ -183,3 +183,17 @@ def test_gguf_conversion_is_shared_by_copies_of_the_file(tmp_path, monkeypatch):
     shutil.copy(gguf, other_env)
     assert weights.gguf_to_hf(other_env) == tmp_path / "cache" / real.name
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [real.name]  # nothing converted again
+
+
+def test_prefill_graph_buckets() -> None:
+    """Every prefill step up to the limit has a bucket that pads it by under 256 rows (under half below 512),
+    all multiples of 16 (one variant of the fused QKV kernel); 0 turns prefill graphs off."""
+    from aengine.runtime.cuda_graph import prefill_buckets
+
+    assert prefill_buckets(0) == [] and prefill_buckets(8) == []
+    for limit in (16, 100, 2048, 3000):
+        sizes = prefill_buckets(limit)
+        assert sizes == sorted(sizes) and all(n % 16 == 0 and n <= limit for n in sizes)
+        for t in range(1, sizes[-1] + 1):
+            n = next(n for n in sizes if n >= t)
+            assert n - t < 256 and (n < 512 and n < 2 * t + 16 or n >= 512), (limit, t, n)

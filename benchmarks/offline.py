@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", default="radix", choices=["radix", "none"])
     ap.add_argument("--disable-overlap", action="store_true")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=2048, help="0: prefill runs eagerly")
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=pair, default=(100, 1024), help="W1 prompt length range lo,hi")
     ap.add_argument("--output-len", type=pair, default=(100, 1024), help="W1 max_tokens range lo,hi")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
               cache=args.cache, disable_overlap=args.disable_overlap, cuda_graph_max_bs=args.cuda_graph_max_bs,
               dtype=args.dtype, device=args.device, page_size=args.page_size,
               max_running_requests=args.max_running_requests, kv_cache_tokens=args.kv_cache_tokens, tp=args.tp,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, max_prefill_tokens=args.max_prefill_tokens,
+              piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens)
     startup = time.perf_counter() - t0
     try:
         res = {"w1": run_w1, "w2": run_w2, "w6": run_w6}[args.workload](llm, args)
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."),
                 "attn": args.attn, "page_size": runner.page_size,
                 "kv_cache_dtype": runner.kv_cache_dtype, "kv_tokens": runner.num_pages * runner.page_size,
-                "cuda_graphs": bool(getattr(runner, "graphs", None) and runner.graphs.sizes)}
+                "cuda_graphs": bool(getattr(runner, "graphs", None) and runner.graphs.sizes),
+                "prefill_graphs": bool(getattr(runner, "graphs", None) and runner.graphs.psizes)}
         llm.close()
     try:
         import torch

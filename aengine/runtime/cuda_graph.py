@@ -66,11 +66,9 @@ class CudaGraphs:
         dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
         rows = max([max_bs, *prefill_buckets(max_tokens)])  # ids, positions, slots: decode's and prefill's
-        self.ids, self.slots = torch.zeros(rows, **i32), torch.zeros(max_bs, **i32)
+        self.ids, self.slots, self.seq = torch.zeros(rows, **i32), torch.zeros(max_bs, **i32), torch.ones(max_bs, **i32)
         self.pos, self.loc = torch.zeros(rows, **i64), torch.zeros(rows, **i64)
-        self.seq = torch.ones(max_bs, **i32)
-        self.qo = torch.arange(max_bs + 1, **i32)
-        self.sidx = torch.arange(max_bs, **i64)
+        self.qo, self.sidx = torch.arange(max_bs + 1, **i32), torch.arange(max_bs, **i64)
         self.backend.init_graph(max_bs)
         self.mempool = torch.cuda.graph_pool_handle()
         try:
@@ -127,8 +125,10 @@ class CudaGraphs:
                 torch.cuda.synchronize()
                 with torch.cuda.stream(stream):
                     split.cut(None, self.mempool)
-                    self.out[-n] = self.model(fb.input_ids, fb.positions)  # decode's are keyed by +batch
-                    split.cut(None)
+                    try:  # a failed capture must still end, or every later launch fails
+                        self.out[-n] = self.model(fb.input_ids, fb.positions)  # decode's are keyed by +batch
+                    finally:
+                        split.cut(None)
             self.pieces[n] = split.pieces
         self.psizes = sizes
         log.info("captured prefill CUDA graphs for %d step sizes up to %d tokens, %d pieces each, in %.1f s",

@@ -251,7 +251,8 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
     chosen = set(random.Random(1).sample(range(len(prompts)), round(args.constrained_frac * len(prompts))))
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, attn=args.attn,
               page_size=args.page_size, disable_overlap=args.disable_overlap,
-              max_prefill_tokens=args.max_prefill_tokens, kv_cache_dtype=args.kv_cache_dtype)
+              max_prefill_tokens=args.max_prefill_tokens, kv_cache_dtype=args.kv_cache_dtype,
+              piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens)
     ex = llm.engine.executor
     cuda = bool(getattr(ex, "cuda", torch.cuda.is_available()))
     try:
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--disable-overlap", action="store_true")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
+    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=2048, help="aengine; 0: prefill eager")
     ap.add_argument("--kv-cache-dtype", default="auto", help="aengine: auto | fp8_e4m3")
     ap.add_argument("--constrained-frac", type=float, default=0.0, help="aengine: as offline.py's (W1_SCHEMA)")
     ap.add_argument("--quarter", action="store_true", help="every W1 max_tokens cut to a quarter (minisgl: always)")

@@ -10,7 +10,6 @@ from aengine.cache.pool import KVPool
 WORKSPACE_BYTES = 256 << 20  # split-k partial results; flashinfer recommends 128 MB and up
 PREFILL_KERNEL = "fa2"  # the sm90 "fa3" variant doubles the first-use compile for little gain here
 XQA_PAGE_SIZES = (16, 32, 64, 128)
-NO_SPLIT_TOKENS = 512
 XQA_WORKSPACE_BYTES = 64 << 20  # its own, zeroed: its first 8 MB are semaphores that must start at 0
 
 
@@ -71,9 +70,9 @@ class FlashInferBackend(AttentionBackend):
         if fb.decode:
             wrapper.plan(kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
                          self.pool.page_size, **dt)
-        else:  # a long step fills the GPU unsplit; split KV costs a merge kernel (RESULTS.md: as long as attention)
+        else:  # 512+ new tokens fill the GPU unsplit, and a split's merge kernel took as long as attention (RESULTS.md)
             wrapper.plan(qo, kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
-                         self.pool.page_size, causal=True, disable_split_kv=int(qo[-1]) >= NO_SPLIT_TOKENS, **dt)
+                         self.pool.page_size, causal=True, disable_split_kv=int(qo[-1]) >= 512, **dt)
         self.planned = torch.cuda.Event()
         self.planned.record()
         self.wrapper = wrapper

@@ -35,19 +35,19 @@ class _Split(AttentionBackend):
         self.pieces: list[tuple[torch.cuda.CUDAGraph, int | None]] = []
         self.graph: torch.cuda.CUDAGraph | None = None  # None: a warm-up pass, nothing captured
 
-    def cut(self, layer: int | None, mempool: object = None) -> None:
-        """End the graph being captured (if any) at layer's attention; with a memory pool, begin the next."""
-        if self.graph is not None:
-            self.graph.capture_end()
-            self.pieces.append((self.graph, layer))
-        if mempool is not None:
-            self.mempool, self.graph = mempool, torch.cuda.CUDAGraph()
-            self.graph.capture_begin(pool=mempool)
+    def begin(self, mempool: object) -> None:
+        self.mempool, self.graph = mempool, torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=mempool)
+
+    def end(self, layer: int | None) -> None:
+        self.graph.capture_end()
+        self.pieces.append((self.graph, layer))
 
     def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         self.q[: len(q)].copy_(q)
-        if self.graph is not None:
-            self.cut(layer, self.mempool)
+        if self.graph is not None:  # capturing: this piece ends at layer's attention, the next begins
+            self.end(layer)
+            self.begin(self.mempool)
         return self.o[: len(q)]
 
 
@@ -58,14 +58,14 @@ class CudaGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.out: dict[int, torch.Tensor] = {}
         self.sizes: list[int] = []
-        self.pieces: dict[int, list[tuple[torch.cuda.CUDAGraph, int | None]]] = {}  # prefill, by token bucket
+        self.pieces: dict[int, tuple[list, torch.Tensor]] = {}  # prefill by token bucket: (graph, layer)s, output
         self.psizes: list[int] = []
         if not self.backend.supports_graph:
             log.info("CUDA graphs off: the %s decode backend cannot be captured", type(self.backend).__name__)
             return
         dev = next(model.parameters()).device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        rows = max([max_bs, *prefill_buckets(max_tokens)])  # ids, positions, slots: decode's and prefill's
+        rows = max([max_bs, *(psizes := prefill_buckets(max_tokens))])  # ids, positions, locs: decode's and prefill's
         self.ids, self.slots, self.seq = torch.zeros(rows, **i32), torch.zeros(max_bs, **i32), torch.ones(max_bs, **i32)
         self.pos, self.loc = torch.zeros(rows, **i64), torch.zeros(rows, **i64)
         self.qo, self.sidx = torch.arange(max_bs + 1, **i32), torch.arange(max_bs, **i64)
@@ -78,10 +78,10 @@ class CudaGraphs:
             self.graphs.clear()
             self.out.clear()
         # the torch backend stores K/V itself: it stays the eager reference
-        if prefill_backend is not None and prefill_backend.fused_store and prefill_buckets(max_tokens):
+        if prefill_backend is not None and prefill_backend.fused_store and psizes:
             self.prefill_backend = prefill_backend
             try:
-                self._capture_prefill(prefill_buckets(max_tokens))
+                self._capture_prefill(psizes)
             except Exception:
                 log.exception("prefill CUDA graph capture failed; prefill runs eagerly")
                 self.pieces.clear()
@@ -124,15 +124,15 @@ class CudaGraphs:
                     self.model(fb.input_ids, fb.positions)
                 torch.cuda.synchronize()
                 with torch.cuda.stream(stream):
-                    split.cut(None, self.mempool)
+                    split.begin(self.mempool)
                     try:  # a failed capture must still end, or every later launch fails
-                        self.out[-n] = self.model(fb.input_ids, fb.positions)  # decode's are keyed by +batch
+                        out = self.model(fb.input_ids, fb.positions)
                     finally:
-                        split.cut(None)
-            self.pieces[n] = split.pieces
+                        split.end(None)
+            self.pieces[n] = split.pieces, out
         self.psizes = sizes
         log.info("captured prefill CUDA graphs for %d step sizes up to %d tokens, %d pieces each, in %.1f s",
-                 len(sizes), sizes[-1], len(self.pieces[sizes[-1]]), time.perf_counter() - t0)
+                 len(sizes), sizes[-1], len(self.pieces[sizes[-1]][0]), time.perf_counter() - t0)
 
     def prefill(self, fb: ForwardBatch) -> torch.Tensor:
         """The final hidden states of a prefill (or mixed) step: the pieces replayed, attention eager between them."""
@@ -142,15 +142,16 @@ class CudaGraphs:
             buf[:t].copy_(src)
         self.loc[t:n].zero_()  # padded rows write to scratch page 0; their stale ids and positions are valid
         self.prefill_backend.prepare(fb)
-        for graph, layer in self.pieces[n]:
+        pieces, out = self.pieces[n]
+        for graph, layer in pieces:
             graph.replay()
             if layer is not None:
                 self.o[:t].copy_(self.prefill_backend.attend(self.q[:t], layer))
-        return self.out[-n][:t]
+        return out[:t]
 
     def release(self) -> None:
         """Free the graphs: NCCL's teardown blocks while graphs that captured its collectives live (pytorch#115388)."""
-        for g in [*self.graphs.values(), *(g for p in self.pieces.values() for g, _ in p)]:
+        for g in [*self.graphs.values(), *(g for p, _ in self.pieces.values() for g, _ in p)]:
             g.reset()
         self.graphs.clear()
         self.out.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-pages", type=int, default=0, help="0: the engine's default pool")
+    ap.add_argument("--log", action="store_true", help="the engine's INFO log: its own start-up breakdown")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="append one JSON line (stdout: no path)")
     args = ap.parse_args(argv)
+    if args.log:
+        logging.basicConfig(level=logging.INFO)
     t0 = time.perf_counter()
     from aengine import LLM, SamplingParams
 
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     llm.close()
     res = {"benchmark": "startup", "model": args.model or "embedded", "import_s": t1 - t0, "engine_s": t2 - t1,
            "tracked_objects": objects, "full_gc_ms": before, "full_gc_frozen_ms": after, **machine()}
-    print(f"imports {res['import_s']:.2f} s, engine {res['engine_s']:.2f} s; a full collection over {objects:,} "
+    print(f"start-up {t2 - t0:.2f} s: imports {res['import_s']:.2f} s, engine {res['engine_s']:.2f} s; "
+          f"a full collection over {objects:,} "
           f"objects: {', '.join(f'{x:.1f}' for x in before)} ms; after gc.freeze: "
           f"{', '.join(f'{x:.1f}' for x in after)} ms")
     emit_json(res, args.json)

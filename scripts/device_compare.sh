@@ -110,9 +110,8 @@ for s in $stages; do
     profile-fp8) run "profile aengine, FP8 KV" profile-fp8.log python3 benchmarks/step_profile.py --model $Q06 \
         --load-format dummy --tokenizer .tok --kv-cache-dtype fp8_e4m3 --json "$LOGS/profile.jsonl" ;;
     startup) for k in first again; do  # the first run may compile the bytecode of every source it imports
-        run "startup ($k)" startup.log python3 -c "import logging, time; logging.basicConfig(level='INFO'); \
-t = time.perf_counter(); from aengine import LLM; llm = LLM('$Q06', load_format='dummy', tokenizer='.tok'); \
-print(f'startup {time.perf_counter() - t:.2f} s (imports included)'); llm.close()"
+        run "startup ($k)" startup.log python3 benchmarks/startup.py --model $Q06 --load-format dummy \
+          --tokenizer .tok --log --json "$LOGS/startup.jsonl"
       done
       # where the time goes: every import the start-up makes, lazy ones included
       run "startup imports" startup.log python3 -X importtime -c "from aengine import LLM; \

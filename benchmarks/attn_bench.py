@@ -3,12 +3,15 @@ head dim 128, bf16) through flashinfer's kernels, to choose the engine's decode 
 Each cell: GPU µs (median), KV bandwidth (B*L*kv_heads*head_dim*2*2 bytes), and the relative error vs the
 CUDA-core page-16 output on the same data (that cell itself: vs an fp32 torch computation); plan() host µs too.
   python benchmarks/attn_bench.py [--fa3] [--json attn.jsonl]  # ~1 min on an H200 after JIT compiles (fa3: ~80 s)
+`--prefill` instead times causal prefill steps as the engine plans them (page 1, no cached prefix, split KV off
+from 512 tokens): fa2 against fa3, the prefill kernel of aengine/attention/flashinfer_backend.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import sys
 import time
@@ -101,6 +104,38 @@ def gpu_us(w: Any, q: torch.Tensor, pools: list, reps: int) -> float:
     return statistics.median(a.elapsed_time(z) for a, z in ev) * 1e3
 
 
+# (name, query heads, prompt lengths of one step): W2's TTFT step (Llama-3.1-8B), a W4 arrival and a W1 prefill
+# step (Qwen3-0.6B, W1's mean prompt of 562 tokens)
+PREFILL_STEPS = [("w2-1024", 32, [1024]), ("w4-1013", 16, [562, 451]), ("w1-7868", 16, [562] * 14)]
+
+
+def prefill_bench(fi: Any, ws: torch.Tensor, kinds: list[str], reps: int, dest: str | None) -> None:
+    dev, info = torch.device("cuda"), {"bench": "attn_prefill", "flashinfer": fi.__version__, **machine()}
+    print(f"causal prefill, page 1, one layer, {KV_HEADS} kv heads x {HEAD_DIM} bf16: GPU µs (median of {reps}),"
+          f" rel err vs fa2")
+    for name, heads, lens in PREFILL_STEPS:
+        t, g = sum(lens), torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(t, heads, HEAD_DIM, dtype=DTYPE, device=dev, generator=g)
+        pages = max(t, MIN_POOL_BYTES // (KV_HEADS * HEAD_DIM * 4))
+        pools = [tuple(torch.randn(pages, 1, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g) for _ in "kv")
+                 for _ in range(POOLS)]
+        ids = torch.randperm(pages, device=dev, generator=g)[:t].to(torch.int32)  # a used pool's pages: scattered
+        pin = dict(dtype=torch.int32, pin_memory=True)
+        indptr = torch.tensor([0, *itertools.accumulate(lens)], **pin)
+        cells, ref = [], None
+        for kind in kinds:
+            w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=kind)
+            w.plan(indptr, indptr, ids, torch.ones(len(lens), **pin), heads, KV_HEADS, HEAD_DIM, 1, causal=True,
+                   disable_split_kv=t >= 512, q_data_type=DTYPE, kv_data_type=DTYPE)
+            out = w.run(q, pools[0]).float()
+            ref = out if ref is None else ref
+            us = gpu_us(w, q, pools, reps)
+            emit_json({"step": name, "tokens": t, "qo_heads": heads, "kernel": kind, "us": us,
+                       "rel_err": ((out - ref).norm() / ref.norm()).item(), **info}, dest)
+            cells.append(f"{kind} {us:7.1f} µs ({((out - ref).norm() / ref.norm()).item():.1e})")
+        print(f"{name:>8} ({t:,} tokens, {heads} q heads): " + " | ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[64, 128, 212, 256], help="batch sizes B")
@@ -111,6 +146,7 @@ def main() -> None:
     ap.add_argument("--fa3", action="store_true", help="also the sm90 prefill kernel (compiles ~80 s on first use)")
     ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the pool's dtype (fp8: e4m3, scale 1)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant to this file ('-': stdout)")
+    ap.add_argument("--prefill", action="store_true", help="causal prefill steps, fa2 against fa3, instead of decode")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attn_bench: needs a CUDA GPU, and torch sees none", file=sys.stderr)
@@ -118,6 +154,8 @@ def main() -> None:
     import flashinfer as fi
     dev = torch.device("cuda")
     ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)  # shared, as the engine's wrappers share it
+    if args.prefill:
+        return prefill_bench(fi, ws, ["fa2", "fa3"], args.reps, args.json)
     wrappers = {"cuda": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False),
                 "tc": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True),
                 "fa2": fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")}

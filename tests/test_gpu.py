@@ -371,9 +371,10 @@ def test_fused_qkv_store_matches_torch(shape: tuple[int, int, int, bool], tokens
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_sampling_draws_from_softmax() -> None:
-    """The one-pass Gumbel-max sampler: temperature-0 rows are the argmax; other rows' tokens follow
-    softmax(logits / T) (40,000 draws over 8 tokens: every frequency within 0.01), and a batch of
-    long rows split into chunks still finds each row's argmax."""
+    """The chunked sampler: temperature-0 rows are the argmax; other rows' tokens follow softmax(logits / T)
+    (40,000 draws over 8 tokens: every frequency within 0.01; 10,000 over tokens in four of 38 chunks of
+    a 151,936-token row, the rest -inf as a grammar masks it: within 0.02), and a batch of long rows
+    split into chunks still finds each row's argmax."""
     from aengine.runtime.sampler import _sample_triton
 
     torch.manual_seed(0)
@@ -385,6 +386,13 @@ def test_triton_sampling_draws_from_softmax() -> None:
     assert (ids[:16] == logits[0].float().argmax()).all()
     freq = torch.bincount(ids[16:].long(), minlength=8).float() / (40_000 - 16)
     assert (freq - torch.softmax(logits[0].float() / 0.7, -1)).abs().max() < 0.01
+    hot = torch.tensor([3, 4100, 5000, 70_000, 151_935], device="cuda")
+    row = torch.full((151_936,), float("-inf"), device="cuda")
+    row[hot] = torch.tensor([0.0, 1.0, -0.5, 0.7, 0.3], device="cuda")
+    ids = _sample_triton(row.repeat(10_000, 1).to(torch.bfloat16), torch.ones(10_000, device="cuda"))
+    assert (ids.long()[:, None] == hot).any(1).all()
+    freq = (ids.long()[:, None] == hot).float().mean(0)
+    assert (freq - torch.softmax(row[hot].bfloat16().float(), -1)).abs().max() < 0.02
     big = torch.randn(3, 151_936, device="cuda").to(torch.bfloat16)
     assert torch.equal(_sample_triton(big, torch.zeros(3, device="cuda")).long(), big.float().argmax(-1))
 

@@ -53,8 +53,8 @@ class AttentionBackend:
         self.pool.store(layer, self.fb.out_loc, k, v)
         return self.attend(q, layer)
 
-    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        """q [T, heads, head_dim] over the pool, this step's K/V already stored."""
+    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, heads, head_dim] over the pool, this step's K/V already stored; into out when it is given."""
         raise NotImplementedError
 
     def init_graph(self, max_bs: int) -> None:

@@ -35,8 +35,8 @@ class FlashAttnBackend(AttentionBackend):
         if not self.cute:
             self.cu_k = torch.nn.functional.pad(fb.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
-    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        fb = self.fb
+    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        fb, dst = self.fb, out
         kc, vc = self.pool.k[layer], self.pool.v[layer]
         q = q.contiguous()
         if self.cute:
@@ -45,7 +45,8 @@ class FlashAttnBackend(AttentionBackend):
         else:
             out = self.attn(q, kc, vc, fb.qo_indptr, self.cu_k, self.max_q, self.max_k, causal=True,
                             block_table=self.pt)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out if dst is None else dst.copy_(out)
 
     def init_graph(self, max_bs: int) -> None:
         self.g_pt = torch.zeros(max_bs, self.page_table.shape[1], dtype=torch.int32, device=self.page_table.device)

@@ -82,7 +82,7 @@ class FlashInferBackend(AttentionBackend):
         if not (fb.decode and self.xqa):
             self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
-    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
         kv = (self.pool.k[layer], self.pool.v[layer])
         if self.fb.decode and self.xqa:
             if layer == 0:  # once per step, inside the forward (and so inside a captured graph)
@@ -92,7 +92,7 @@ class FlashInferBackend(AttentionBackend):
                 q.contiguous(), kv, self.xqa_ws, self.table, self.seq_u32, self.table.shape[1] * self.pool.page_size,
                 bmm1_scale=self.pool.k_scale[layer] * self.head_dim**-0.5, bmm2_scale=self.pool.v_scale[layer])
         scales = dict(k_scale=self.pool.k_scale[layer], v_scale=self.pool.v_scale[layer]) if self.pool.fp8 else {}
-        return self.wrapper.run(q.contiguous(), kv, **scales)
+        return self.wrapper.run(q.contiguous(), kv, out=out, **scales)  # without out: a fresh torch.zeros
 
     def init_graph(self, max_bs: int) -> None:
         i32 = dict(dtype=torch.int32, device=self.device)

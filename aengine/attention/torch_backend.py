@@ -18,9 +18,8 @@ class TorchBackend(AttentionBackend):
             self.kv_idx.append((pages[:, None] * ps + offs).flatten()[:n])
         self.qo = fb.qo_indptr.tolist()
 
-    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        fb = self.fb
-        out = torch.empty_like(q)
+    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        fb, out = self.fb, torch.empty_like(q) if out is None else out
         group = q.shape[1] // self.pool.k.shape[-2]
         for i, n in enumerate(fb.seq_lens_cpu):
             s, e = self.qo[i], self.qo[i + 1]

@@ -43,7 +43,7 @@ class _Split(AttentionBackend):
         self.graph.capture_end()
         self.pieces.append((self.graph, layer))
 
-    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
         self.q[: len(q)].copy_(q)
         if self.graph is not None:  # capturing: this piece ends at layer's attention, the next begins
             self.end(layer)
@@ -146,7 +146,7 @@ class CudaGraphs:
         for graph, layer in pieces:
             graph.replay()
             if layer is not None:
-                self.o[:t].copy_(self.prefill_backend.attend(self.q[:t], layer))
+                self.prefill_backend.attend(self.q[:t], layer, out=self.o[:t])
         return out[:t]
 
     def release(self) -> None:

@@ -1,5 +1,5 @@
 """Sampling: greedy, temperature, top-k, top-p, min-p; a seeded row's noise comes from (seed, position), not
-the batch. Plain temperature sampling on CUDA is one Triton Gumbel-max pass (docs/gpu.md)."""
+the batch. Plain temperature sampling on CUDA is one Triton kernel over column chunks (docs/gpu.md)."""
 
 import os
 from dataclasses import dataclass
@@ -39,36 +39,37 @@ if triton is not None:
 
     # Triton compiles a variant per divisibility of each int argument; these change with the batch
     # size and every step (the seed), and a compile in the middle of serving stalls every stream
-    @triton.jit(do_not_specialize=["seed", "V", "per", "NCHUNK"])
-    def _gumbel_max(logits, stride, temp, seed, V, per, out_v, out_i, NCHUNK, BLOCK: tl.constexpr):
-        """Row r, chunk c: the best (logit / T + Gumbel noise) and its index in the chunk's columns.
-        Temperature 0: no noise, the plain argmax."""
+    @triton.jit(do_not_specialize=["seed", "V", "NCHUNK"])
+    def _sample_chunk(logits, stride, temp, seed, V, out_v, out_i, NCHUNK, BLOCK: tl.constexpr):
+        """Row r, chunk c of BLOCK columns: a token drawn in the chunk by inverse CDF, and the chunk's log-mass plus
+        Gumbel noise: the best chunk's token is a draw from the row's softmax (S_c / S * p_i / S_c). Two random
+        numbers per chunk: one per column made it compute-bound. Temperature 0: the chunk's max, argmax."""
         r, c = tl.program_id(0), tl.program_id(1)
         t = tl.load(temp + r)
-        inv = 1.0 / tl.where(t > 0, t, 1.0)
-        best_v = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_i = tl.zeros([BLOCK], tl.int32)
-        for off in range(c * per, tl.minimum(c * per + per, V), BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            m = (idx < c * per + per) & (idx < V)
-            x = tl.load(logits + r.to(tl.int64) * stride + idx, mask=m, other=float("-inf")).to(tl.float32) * inv
-            if t > 0:
-                x += -tl.log(-tl.log(tl.rand(seed, r * V + idx)))
-            better = x > best_v
-            best_v, best_i = tl.where(better, x, best_v), tl.where(better, idx, best_i)
-        v, j = tl.max(best_v, 0, return_indices=True)
+        col = tl.arange(0, BLOCK)
+        x = tl.load(logits + r.to(tl.int64) * stride + c * BLOCK + col, mask=c * BLOCK + col < V,
+                    other=float("-inf")).to(tl.float32)
+        if t > 0:
+            x = x / t
+            m = tl.max(x, 0)
+            cdf = tl.cumsum(tl.exp(x - m), 0)
+            n = (r * NCHUNK + c) * 2
+            j = tl.sum((cdf <= tl.rand(seed, n) * tl.max(cdf, 0)).to(tl.int32), 0)
+            j = tl.minimum(j, tl.max(tl.where(x > float("-inf"), col, 0), 0))  # rounding at the top of the CDF
+            v = m + tl.log(tl.max(cdf, 0)) - tl.log(-tl.log(tl.rand(seed, n + 1)))
+            v = tl.where(m > float("-inf"), v, float("-inf"))  # a fully masked chunk (grammar) never wins
+        else:
+            v, j = tl.max(x, 0, return_indices=True)
         tl.store(out_v + r * NCHUNK + c, v)
-        tl.store(out_i + r * NCHUNK + c, tl.sum(tl.where(tl.arange(0, BLOCK) == j, best_i, 0)))
+        tl.store(out_i + r * NCHUNK + c, c * BLOCK + j)
 
     def _sample_triton(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        s, v = logits.shape
-        chunks = max(1, min(32, -(-264 // s)))  # split long rows so that a small batch fills the SMs
-        per = -(-v // chunks)
-        out_v = torch.empty(s, chunks, dtype=torch.float32, device=logits.device)
-        out_i = torch.empty(s, chunks, dtype=torch.int32, device=logits.device)
+        (s, v), block = logits.shape, 4096
+        chunks = -(-v // block)
+        out_v, out_i = (torch.empty(s, chunks, dtype=dt, device=logits.device) for dt in (torch.float32, torch.int32))
         seed = int(torch.randint(2**31 - 1, (1,)))  # the torch generator: --seed governs it
-        _gumbel_max[(s, chunks)](logits, logits.stride(0), temperature, seed, v, per, out_v, out_i, chunks,
-                                 BLOCK=1024, num_warps=4)
+        _sample_chunk[(s, chunks)](logits, logits.stride(0), temperature, seed, v, out_v, out_i, chunks,
+                                   BLOCK=block, num_warps=4)
         return out_i.gather(1, out_v.argmax(1, keepdim=True)).view(-1)
 
 

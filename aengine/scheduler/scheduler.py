@@ -1,8 +1,7 @@
-"""The scheduler coroutine: continuous batching with a radix prefix cache, chunked prefill,
-preemption, and overlap (batch N+1 is launched before batch N's results are awaited).
-Prompts waiting for admission are prefilled first; an admitted long prompt's chunks alternate with
-decode steps (why, and --enable-mixed-chunk: docs/architecture.md, "Chunked prefill").
-Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
+"""The scheduler coroutine: continuous batching with a radix prefix cache, chunked prefill, preemption, and overlap
+(batch N+1 is launched before batch N's results are awaited). Prompts waiting for admission are prefilled first; an
+admitted long prompt's chunks alternate with decode steps (why, and --enable-mixed-chunk: docs/architecture.md,
+"Chunked prefill"). Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
 decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
 
 import asyncio

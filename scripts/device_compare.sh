@@ -13,6 +13,7 @@
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
 #   attn      benchmarks/attn_bench.py: flashinfer decode variants on W1's decode shape
 #   attn-fp8, profile-fp8   the same over an FP8 KV pool
+#   gemm      benchmarks/gemm_bench.py: the decode step's GEMMs on W1's shape, cuBLAS, cuBLASLt and Triton
 #   startup   engine start-up time, with the engine's own breakdown (INFO log)
 #   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
@@ -104,6 +105,7 @@ for s in $stages; do
       fi ;;
     attn|attn:*) extra=${s#attn}; extra=${extra#:}; extra=${extra//,/ }
       run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" $extra ;;
+    gemm) run "gemm bench" gemm.log python3 benchmarks/gemm_bench.py --json "$LOGS/gemm.jsonl" ;;
     attn-fp8|attn-fp8:*) extra=${s#attn-fp8}; extra=${extra#:}; extra=${extra//,/ }
       run "attn bench, FP8 KV" attn-fp8.log python3 benchmarks/attn_bench.py --kv-dtype fp8 \
         --json "$LOGS/attn.jsonl" $extra ;;
@@ -160,5 +162,6 @@ cp "$LOGS"/run.log "$LOGS"/figures.jsonl "$LOGS"/compare.txt "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 sed -n '/^kind /,/^total/p' "$LOGS"/profile.log 2>/dev/null | cut -c1-150
 tail -n 25 "$LOGS"/attn.log 2>/dev/null
+tail -n 35 "$LOGS"/gemm.log 2>/dev/null
 grep -E "FAILED|Error" "$LOGS"/gpu-tests.log 2>/dev/null | head -n 10
 ls -la "$OUT"

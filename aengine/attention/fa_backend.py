@@ -36,8 +36,7 @@ class FlashAttnBackend(AttentionBackend):
             self.cu_k = torch.nn.functional.pad(fb.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
     def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        fb, dst = self.fb, out
-        kc, vc = self.pool.k[layer], self.pool.v[layer]
+        fb, dst, kc, vc = self.fb, out, self.pool.k[layer], self.pool.v[layer]
         q = q.contiguous()
         if self.cute:
             out = self.attn(q, kc, vc, cu_seqlens_q=fb.qo_indptr, seqused_k=fb.seq_lens,

@@ -8,7 +8,6 @@ from aengine.attention.base import AttentionBackend, ForwardBatch
 from aengine.cache.pool import KVPool
 
 WORKSPACE_BYTES = 256 << 20  # split-k partial results; flashinfer recommends 128 MB and up
-PREFILL_KERNEL = "fa2"  # the sm90 "fa3" variant doubles the first-use compile for little gain here
 XQA_PAGE_SIZES = (16, 32, 64, 128)
 XQA_WORKSPACE_BYTES = 64 << 20  # its own, zeroed: its first 8 MB are semaphores that must start at 0
 
@@ -30,7 +29,9 @@ class FlashInferBackend(AttentionBackend):
         # tensor-core decode (the prefill kernel with one query row) wins once a KV head serves
         # 4+ query heads; below that the CUDA-core decode kernel is as fast
         self.tensor_cores = num_heads // self.kv_heads >= 4
-        self.prefill_w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=PREFILL_KERNEL)
+        # "auto": fa3 on sm90, 0.69x fa2's time on W2's prefill step (attn_bench.py --prefill); FP8 K/V needs fa2
+        self.prefill_w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend="fa2" if pool.fp8 else "auto")
         self.decode_w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores)
         self.graph_w: dict[int, object] = {}

@@ -145,8 +145,10 @@ class Scheduler:
         decodable = [r for r in self.running if r.kv_len >= len(r.fill_ids) and r.finish_reason is None
                      and len(r.output_ids) + r.pending < r.max_tokens]  # (not r.prefilling, inline: every row)
         want_prefill = self.waiting or any(r.prefilling for r in self.running)
-        budget = self.cfg.max_prefill_tokens
-        if decodable and self.cfg.max_prefill_tokens_decoding:  # decodes wait behind this step: keep it short
+        # a burst (a full step of prompt tokens waiting) prefills back to back, so running requests wait once; a trickle
+        # alternates with decodes (one prefill step of at most this budget per token), as a long prompt's chunks do
+        burst = sum(len(r.fill_ids) for r in self.waiting) >= (budget := self.cfg.max_prefill_tokens)
+        if decodable and self.cfg.max_prefill_tokens_decoding and not burst:
             budget = min(budget, self.cfg.max_prefill_tokens_decoding)
         if want_prefill and decodable and self.cfg.enable_mixed_chunk and len(decodable) < budget:
             ready = self.decode.with_pages(decodable)
@@ -154,9 +156,7 @@ class Scheduler:
             if chosen is not None:
                 self.last_was_prefill = False  # the running requests advanced too
                 return self._build(chosen, decode=False, n_decoding=len(ready))
-        # prompts that can be admitted go first: a burst prefills back to back, so a running request waits
-        # once, not between every two of its tokens; an admitted long prompt's chunks alternate with decodes
-        if want_prefill and (not self.last_was_prefill or not decodable or self.prefill.can_admit()):
+        if want_prefill and (not self.last_was_prefill or not decodable or burst and self.prefill.can_admit()):
             chosen = self.prefill.plan([], budget)
             if chosen is not None:
                 self.last_was_prefill = True

@@ -31,6 +31,7 @@ import asyncio
 import itertools
 import json
 import math
+import multiprocessing
 import random
 import shlex
 import sys
@@ -228,38 +229,84 @@ async def run_job(job: Job, c: Client, records: list[Record], args: argparse.Nam
         history.append({"role": "assistant", "content": answer})
 
 
-async def run_rate(url: str, jobs: list[Job], rate: float, args: argparse.Namespace) -> dict:
+async def connect(url: str, n: int, args: argparse.Namespace) -> list[Any]:
     if args.api == "openai":  # one HTTP connection pool; --connections does not apply
-        clients: list[Any] = [await OpenAIClient.connect(url, args.api_key, args.model)]
-    else:
-        clients = [await Client.connect(url, api_key=args.api_key) for _ in range(args.connections)]
+        return [await OpenAIClient.connect(url, args.api_key, args.model)]
+    return [await Client.connect(url, api_key=args.api_key) for _ in range(n)]
+
+
+def arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Send times of n jobs, seconds after the start: Poisson at rate (all at 0 for inf)."""
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += 0.0 if rate == math.inf else rng.expovariate(rate)
+    return out
+
+
+async def send_all(clients: list[Any], jobs: list[Job], at: list[float], t0: float, records: list[Record],
+                   args: argparse.Namespace) -> None:
+    """Start each job at t0 + its send time, on the clients in turn; return when all are done."""
+    sem = asyncio.Semaphore(args.concurrency) if args.concurrency else None
+    conn, tasks = itertools.cycle(clients), []
+
+    async def guarded(job: Job, c: Any) -> None:
+        if sem is None:
+            await run_job(job, c, records, args)
+            return
+        async with sem:
+            await run_job(job, c, records, args)
+
+    for job, t in zip(jobs, at):
+        if (wait := t0 + t - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(guarded(job, next(conn))))
+    if args.progress:
+        await progress(tasks, len(jobs))
+    await asyncio.gather(*tasks)
+
+
+def worker(url: str, jobs: list[Job], at: list[float], n_conn: int, args: argparse.Namespace, barrier: Any,
+           out: Any) -> None:
+    """One client process of --procs: its own connections and event loop. All start sending when every one
+    has connected (the barrier); perf_counter is CLOCK_MONOTONIC, one clock for every process."""
+    async def go() -> list[Record]:
+        clients, records = await connect(url, n_conn, args), []
+        try:
+            barrier.wait()
+            await send_all(clients, jobs, at, time.perf_counter(), records, args)
+        finally:
+            for c in clients:
+                await c.close()
+        return records
+    out.put([vars(r) for r in _runner()(go())])  # plain dicts: the class lives in __mp_main__ over there
+
+
+async def run_rate(url: str, jobs: list[Job], rate: float, args: argparse.Namespace) -> dict:
+    clients = await connect(url, args.connections if args.procs == 1 else 1, args)
     try:
         for _ in range(args.warmup):  # first-use compiles and allocator growth stay out of the timing
             await clients[0].complete(input_ids=[1, 2, 3, 4, 5, 6, 7, 8], max_tokens=4, ignore_eos=True)
         http = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).split("?")[0].rstrip("/")
         http = http.removesuffix("/v1")
         before = scrape(http)
-        records: list[Record] = []
-        sem = asyncio.Semaphore(args.concurrency) if args.concurrency else None
-        rng = random.Random(args.seed)
-        conn = itertools.cycle(clients)
-        tasks = []
-
-        async def guarded(job: Job, c: Client) -> None:
-            if sem is None:
-                await run_job(job, c, records, args)
-                return
-            async with sem:
-                await run_job(job, c, records, args)
-
-        t0 = time.perf_counter()
-        for job in jobs:
-            tasks.append(asyncio.create_task(guarded(job, next(conn))))
-            if rate != math.inf:
-                await asyncio.sleep(rng.expovariate(rate))
-        if args.progress:
-            await progress(tasks, len(jobs))
-        await asyncio.gather(*tasks)
+        at = arrivals(len(jobs), rate, args.seed)
+        if args.procs == 1:
+            records: list[Record] = []
+            t0 = time.perf_counter()
+            await send_all(clients, jobs, at, t0, records, args)
+        else:  # each process takes every procs-th job at its own send time, over its share of the connections
+            n, ctx, loop = args.procs, multiprocessing.get_context("spawn"), asyncio.get_running_loop()
+            barrier, out = ctx.Barrier(n + 1), ctx.Queue()
+            procs = [ctx.Process(target=worker, args=(url, jobs[i::n], at[i::n], max(1, args.connections // n), args,
+                                                      barrier, out)) for i in range(n)]
+            for p in procs:
+                p.start()
+            await loop.run_in_executor(None, barrier.wait)
+            t0 = time.perf_counter()
+            records = [Record(**d) for _ in procs for d in await loop.run_in_executor(None, out.get)]
+            for p in procs:
+                p.join()
         duration = time.perf_counter() - t0
         after = scrape(http)
     finally:
@@ -434,6 +481,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="Poisson arrivals per second, comma-separated for several runs; inf: all at once")
     ap.add_argument("--concurrency", type=int, default=0, help="most requests in flight (0: no cap)")
     ap.add_argument("--connections", type=int, default=8, help="WebSocket connections, requests spread over them")
+    ap.add_argument("--procs", type=int, default=1, help="client processes, the connections and jobs split among "
+                    "them: one Python process decoding every frame of a saturated server may fall behind it")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
     ap.add_argument("--seed", type=int, default=0)

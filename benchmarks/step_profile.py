@@ -208,7 +208,34 @@ def step_stats(steps: list[Step]) -> dict[str, Any]:
                   f"{s['gpu_ms']['p50']:>11.3f}{s['gap_ms']['p50']:>10.3f}/{s['gap_ms']['total']:<8.1f}")
     if not steps or not steps[0].ev:
         print("no CUDA: GPU span and idle gaps are not measured; the classes below are CPU ops by self time")
+    out["decode_outliers"] = outliers(steps, loop, gpu, gap)
     return out
+
+
+def outliers(steps: list[Step], loop: list[float], gpu: list[float], gap: list[float]) -> dict[str, Any]:
+    """Decode steps whose loop time (launch to next launch) is over 2x the decode median: W4's ITL tail in pure
+    decode, seen from inside. Each with its CUDA graph bucket and whether it was that bucket's first replay
+    (a first replay may pay for uploading the graph)."""
+    from aengine.runtime.cuda_graph import buckets
+
+    sizes, seen, first = buckets(256), set(), []
+    for s in steps:
+        b = next((n for n in sizes if n >= s.bs), None) if s.kind == "decode" else None
+        first.append(b is not None and b not in seen)
+        seen.add(b)
+    idx = [i for i, s in enumerate(steps) if s.kind == "decode" and loop[i] == loop[i]
+           and not s.tainted and not steps[i + 1].tainted]  # (the next launch may start or stop the profiler)
+    med = sorted(loop[i] for i in idx)[len(idx) // 2] if idx else float("nan")
+    slow = [i for i in idx if loop[i] > 2 * med]
+    firsts = [i for i in idx if first[i]]
+    print(f"decode steps over 2x the median loop time ({med:.2f} ms): {len(slow)} of {len(idx)}, "
+          f"{sum(first[i] for i in slow)} of them a graph bucket's first replay ({len(firsts)} first replays in all)")
+    for i in sorted(slow, key=lambda i: -loop[i])[:12]:
+        nxt = steps[i + 1].kind if i + 1 < len(steps) else "-"
+        print(f"  step {i:5d} bs {steps[i].bs:4d} loop {loop[i]:7.2f} GPU {gpu[i]:7.2f} gap before {gap[i]:6.2f} ms; "
+              f"first replay {first[i]}; next {nxt}")
+    return {"median_loop_ms": med, "over_2x": len(slow), "first_replays_over_2x": sum(first[i] for i in slow),
+            "first_replay_gpu_ms": [gpu[i] for i in firsts]}
 
 
 def print_cprofile(prof: cProfile.Profile, title: str, steps: int, cols: tuple[str, str], top: int) -> None:

@@ -22,8 +22,8 @@ class EngineConfig:
     kv_cache_dtype: H[str, "KV storage: auto (model dtype) or fp8_e4m3/fp8 (2x tokens, checkpoint scales)"] = "auto"
     max_running_requests: H[int, "most requests in the running batch"] = 256
     max_prefill_tokens: H[int, "prompt tokens per prefill step (chunked prefill budget)"] = 8192
-    max_prefill_tokens_decoding: H[int, "the same while requests wait to decode; bounds their inter-token "
-                                        "latency (0: --max-prefill-tokens)"] = 0
+    max_prefill_tokens_decoding: H[int, "the same while requests wait to decode, unless a burst of prompts waits; "
+                                        "bounds their inter-token latency (0: --max-prefill-tokens)"] = 0
     max_model_len: H[int, "context length in tokens (0: the model's max_position_embeddings)"] = 0
     disable_overlap: H[bool, "run one batch at a time instead of launching batch N+1 before processing batch N"] = False
     enable_mixed_chunk: H[bool, "decode running requests inside prefill steps"] = False

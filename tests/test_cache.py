@@ -123,3 +123,52 @@ def test_admission_first_then_chunks_alternate(llm_check):
     assert all(a[0] or b[0] for a, b in zip(later, later[1:])), steps  # ...one chunk between decode steps
     del ex.launch
     llm.close()
+
+
+def test_trickle_alternates_with_decodes(llm_check):
+    """Prompts arriving while a request decodes, less than a full prefill step of them (a trickle), get one
+    prefill step per decode step, each within --max-prefill-tokens-decoding: the running request waits
+    for one bounded prefill step per token (docs/architecture.md, "Chunked prefill")."""
+    import asyncio
+
+    llm = LLM(dtype="float32", device="cpu", max_prefill_tokens=64, max_prefill_tokens_decoding=8)
+    llm_check(llm)
+    eng, sched = llm.engine, llm.engine.scheduler
+    steps: list[tuple[bool, int, int]] = []  # (decode, prompt tokens, requests waiting) at each launch
+    launch = eng.executor.launch
+
+    def record(inp, *more):
+        steps.append((inp.decode, 0 if inp.decode else sum(inp.extend_lens), len(sched.waiting)))
+        return launch(inp, *more)
+
+    eng.executor.launch = record
+
+    async def scenario() -> dict[str, list[int]]:
+        decoding, finished, out = asyncio.Event(), asyncio.Event(), {}
+
+        def emit(d, rid):
+            if d.token_ids and rid == "a":
+                decoding.set()
+            if d.output is not None:
+                out[rid] = d.output.token_ids
+                if len(out) == 3:
+                    finished.set()
+
+        greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        eng.submit("a", list(range(100, 120)), greedy, lambda d: emit(d, "a"))
+        await decoding.wait()
+        for rid, first in (("b", 200), ("c", 300)):  # 20 prompt tokens together: under a 64-token step
+            eng.submit(rid, list(range(first, first + 10)), SamplingParams(max_tokens=4, temperature=0),
+                       lambda d, rid=rid: emit(d, rid))
+        await finished.wait()
+        return out
+
+    out = llm._loop.run_until_complete(scenario())
+    assert len(out["a"]) == 40 and len(out["b"]) == 4 and len(out["c"]) == 4
+    first_decode = next(i for i, (dec, _, _) in enumerate(steps) if dec)
+    later = steps[first_decode:]
+    prefills = [n for dec, n, _ in later if not dec]
+    assert sum(prefills) == 20 and max(prefills) <= 8, steps  # b and c in chunks of at most 8 tokens
+    assert all(a[0] or b[0] for a, b in zip(later, later[1:])), steps  # never two prefill steps in a row
+    del eng.executor.launch
+    llm.close()

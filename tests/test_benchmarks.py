@@ -138,3 +138,15 @@ def test_startup() -> None:
     assert r["tracked_objects"] > 0 and finite(r["import_s"]) and finite(r["engine_s"])
     assert len(r["full_gc_ms"]) == len(r["full_gc_frozen_ms"]) == 3
     assert all(map(finite, r["full_gc_ms"] + r["full_gc_frozen_ms"]))
+
+
+@pytest.mark.parametrize("script", [["benchmarks/attn_bench.py", "--prefill"], ["benchmarks/gemm_bench.py"]])
+def test_gpu_only_benchmarks_refuse_without_cuda(script: list[str]) -> None:
+    """The kernel microbenchmarks need CUDA: without it they parse their flags and say so, exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the device run covers these")
+    p = subprocess.run([sys.executable, *script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr, (p.returncode, p.stderr[-2000:])

@@ -3,6 +3,8 @@ head dim 128, bf16) through flashinfer's kernels, to choose the engine's decode 
 Each cell: GPU µs (median), KV bandwidth (B*L*kv_heads*head_dim*2*2 bytes), and the relative error vs the
 CUDA-core page-16 output on the same data (that cell itself: vs an fp32 torch computation); plan() host µs too.
   python benchmarks/attn_bench.py [--fa3] [--json attn.jsonl]  # ~1 min on an H200 after JIT compiles (fa3: ~80 s)
+`--splits 128,256` adds tensor-core decode with KV split into that many tokens per CTA (flashinfer's
+fixed_split_size): at batch 212, 1,696 CTAs (212 x 8 KV heads) may leave the last wave of CTAs part-full.
 `--prefill` instead times causal prefill steps as the engine plans them (page 1, no cached prefix, split KV off
 from 512 tokens): fa2 against fa3, the prefill kernel of aengine/attention/flashinfer_backend.py.
 """
@@ -147,6 +149,8 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the pool's dtype (fp8: e4m3, scale 1)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant to this file ('-': stdout)")
     ap.add_argument("--prefill", action="store_true", help="causal prefill steps, fa2 against fa3, instead of decode")
+    ap.add_argument("--splits", type=ints, default=[], help="also tensor-core decode with split KV of this many tokens "
+                    "per split (fixed_split_size): whether splitting beats a partial last wave of CTAs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attn_bench: needs a CUDA GPU, and torch sees none", file=sys.stderr)
@@ -162,6 +166,8 @@ def main() -> None:
     if torch.cuda.get_device_capability()[0] == 9:
         wrappers["xqa"] = Xqa(fi, dev)
     kv_dt = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DTYPE
+    for t in args.splits:
+        wrappers[f"tc/s{t}"] = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
     if args.fa3 and args.kv_dtype != "fp8":  # flashinfer's fa3 reads FP8 KV only with FP8 queries
         wrappers["fa3"] = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
     sizes = sorted(args.page_sizes, key=lambda p: p != 16)  # the reference page size (16, else the first) first
@@ -186,8 +192,10 @@ def main() -> None:
                     w.plan(lay)
                     plan_us = 0.0
                 else:
-                    dec = kind in ("cuda", "tc")  # else the prefill kernel with one query row per sequence
+                    dec = kind.startswith(("cuda", "tc"))  # else the prefill kernel with one query row per sequence
                     a, kw = (lay["plan"], {}) if dec else ((lay["qo"], *lay["plan"]), {"causal": False})
+                    if kind.startswith("tc/s"):  # fixed_split_size counts pages
+                        kw = {"fixed_split_size": max(1, int(kind[4:]) // ps)}
                     plan_us = host_us(functools.partial(w.plan, *a, q_data_type=DTYPE, kv_data_type=kv_dt, **kw))
                 out = w.run(q, lay["pools"][0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()

@@ -131,10 +131,10 @@ def prefill_bench(fi: Any, ws: torch.Tensor, kinds: list[str], reps: int, dest: 
                    disable_split_kv=t >= 512, q_data_type=DTYPE, kv_data_type=DTYPE)
             out = w.run(q, pools[0]).float()
             ref = out if ref is None else ref
-            us = gpu_us(w, q, pools, reps)
-            emit_json({"step": name, "tokens": t, "qo_heads": heads, "kernel": kind, "us": us,
-                       "rel_err": ((out - ref).norm() / ref.norm()).item(), **info}, dest)
-            cells.append(f"{kind} {us:7.1f} µs ({((out - ref).norm() / ref.norm()).item():.1e})")
+            us, err = gpu_us(w, q, pools, reps), ((out - ref).norm() / ref.norm()).item()
+            emit_json({"step": name, "tokens": t, "qo_heads": heads, "kernel": kind, "us": us, "rel_err": err,
+                       **info}, dest)
+            cells.append(f"{kind} {us:7.1f} µs ({err:.1e})")
         print(f"{name:>8} ({t:,} tokens, {heads} q heads): " + " | ".join(cells))
 
 

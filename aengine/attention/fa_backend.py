@@ -36,16 +36,15 @@ class FlashAttnBackend(AttentionBackend):
             self.cu_k = torch.nn.functional.pad(fb.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
     def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        fb, dst, kc, vc = self.fb, out, self.pool.k[layer], self.pool.v[layer]
-        q = q.contiguous()
+        fb, kc, vc, q = self.fb, self.pool.k[layer], self.pool.v[layer], q.contiguous()
         if self.cute:
-            out = self.attn(q, kc, vc, cu_seqlens_q=fb.qo_indptr, seqused_k=fb.seq_lens,
-                            max_seqlen_q=self.max_q, max_seqlen_k=self.max_k, page_table=self.pt, causal=True)
+            o = self.attn(q, kc, vc, cu_seqlens_q=fb.qo_indptr, seqused_k=fb.seq_lens,
+                          max_seqlen_q=self.max_q, max_seqlen_k=self.max_k, page_table=self.pt, causal=True)
         else:
-            out = self.attn(q, kc, vc, fb.qo_indptr, self.cu_k, self.max_q, self.max_k, causal=True,
-                            block_table=self.pt)
-        out = out[0] if isinstance(out, tuple) else out
-        return out if dst is None else dst.copy_(out)
+            o = self.attn(q, kc, vc, fb.qo_indptr, self.cu_k, self.max_q, self.max_k, causal=True,
+                          block_table=self.pt)
+        o = o[0] if isinstance(o, tuple) else o
+        return o if out is None else out.copy_(o)  # (a copy: flash-attn has no out= here)
 
     def init_graph(self, max_bs: int) -> None:
         self.g_pt = torch.zeros(max_bs, self.page_table.shape[1], dtype=torch.int32, device=self.page_table.device)

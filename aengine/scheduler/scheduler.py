@@ -1,11 +1,12 @@
 """The scheduler coroutine: continuous batching with a radix prefix cache, chunked prefill, preemption, and overlap
-(batch N+1 is launched before batch N's results are awaited). Prompts waiting for admission are prefilled first; an
-admitted long prompt's chunks alternate with decode steps (why, and --enable-mixed-chunk: docs/architecture.md,
-"Chunked prefill"). Concerns live beside this file: kv.py (who holds which pages), prefill.py (admission, chunks),
-decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
+(batch N+1 is launched before batch N's results are awaited). A burst of waiting prompts is prefilled back to back;
+arrivals one by one and a long prompt's chunks alternate with decode steps (why, and --enable-mixed-chunk:
+docs/architecture.md, "Chunked prefill"). Concerns live beside this file: kv.py (who holds which pages), prefill.py
+(admission, chunks), decode.py (decode pages, preemption), batch.py (the StepInput), results.py (tokens to values)."""
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections import deque
@@ -144,10 +145,10 @@ class Scheduler:
     def _schedule(self, can_retract: bool) -> tuple[StepInput, list[Req]] | None:
         decodable = [r for r in self.running if r.kv_len >= len(r.fill_ids) and r.finish_reason is None
                      and len(r.output_ids) + r.pending < r.max_tokens]  # (not r.prefilling, inline: every row)
-        want_prefill = self.waiting or any(r.prefilling for r in self.running)
-        # a burst (a full step of prompt tokens waiting) prefills back to back, so running requests wait once; a trickle
-        # alternates with decodes (one prefill step of at most this budget per token), as a long prompt's chunks do
-        burst = sum(len(r.fill_ids) for r in self.waiting) >= (budget := self.cfg.max_prefill_tokens)
+        want_prefill, budget = self.waiting or any(r.prefilling for r in self.running), self.cfg.max_prefill_tokens
+        # a burst (a full step of prompt tokens waiting; summed no further) prefills back to back, so running requests
+        # wait once; a trickle alternates with decodes (one prefill step of at most this budget per token), as chunks do
+        burst = any(n >= budget for n in itertools.accumulate(len(r.fill_ids) for r in self.waiting))
         if decodable and self.cfg.max_prefill_tokens_decoding and not burst:
             budget = min(budget, self.cfg.max_prefill_tokens_decoding)
         if want_prefill and decodable and self.cfg.enable_mixed_chunk and len(decodable) < budget:

@@ -255,7 +255,7 @@ def test_health_answers_during_long_cpu_batch(server: ServerProcess) -> None:
     async def go() -> tuple[list[float], float]:
         async with connect(server.url) as ws:
             await frames(ws, 1)
-            long_prompt = " ".join(f"word{i}" for i in range(200))  # ~700 tokens: a prefill step of seconds
+            long_prompt = " ".join(f"word{i}" for i in range(400))  # ~1,400 tokens: a prefill step of seconds
             await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": long_prompt, "max_tokens": 1}))
             done_task = asyncio.create_task(until_done(ws, "long", timeout=120))
             await asyncio.sleep(0.3)  # tokenized and in the forward by now

@@ -5,6 +5,8 @@ CUDA-core page-16 output on the same data (that cell itself: vs an fp32 torch co
   python benchmarks/attn_bench.py [--fa3] [--json attn.jsonl]  # ~1 min on an H200 after JIT compiles (fa3: ~80 s)
 `--splits 128,256` adds tensor-core decode with KV split into that many tokens per CTA (flashinfer's
 fixed_split_size): at batch 212, 1,696 CTAs (212 x 8 KV heads) may leave the last wave of CTAs part-full.
+`--triton` instead compares aengine's split-KV Triton decode (aengine/attention/triton_decode.py) with flashinfer's
+CUDA-core decode, as the engine plans it, on fixed and W1-like varied context lengths, over tile/warp/stage choices.
 `--prefill` instead times causal prefill steps as the engine plans them (page 1, no cached prefix, split KV off
 from 512 tokens): fa2 against fa3, the prefill kernel of aengine/attention/flashinfer_backend.py.
 """
@@ -138,6 +140,63 @@ def prefill_bench(fi: Any, ws: torch.Tensor, kinds: list[str], reps: int, dest: 
         print(f"{name:>8} ({t:,} tokens, {heads} q heads): " + " | ".join(cells))
 
 
+# (name, query heads, context lengths): W1's decode shapes (16 q heads), at two steps of its run with its varied
+# lengths (prompt randint(100, 1024) + the step), and W2's (Llama-3.1-8B: 32 q heads, batch 1)
+def triton_shapes() -> list[tuple[str, int, list[int]]]:
+    import random
+    r = random.Random(0)
+    return [("64x800", 16, [800] * 64), ("128x800", 16, [800] * 128), ("212x800", 16, [800] * 212),
+            ("256x1500", 16, [1500] * 256), ("w1-step225", 16, [r.randint(100, 1024) + 225 for _ in range(212)]),
+            ("w1-step600", 16, [r.randint(100, 1024) + 600 for _ in range(96)]), ("w2-640", 32, [640])]
+
+
+class Run:
+    """attn_bench's timing loop calls run(q, (k, v)); this binds everything else."""
+
+    def __init__(self, fn: Any) -> None:
+        self.run = fn
+
+
+def triton_bench(fi: Any, ws: torch.Tensor, reps: int, dest: str | None) -> None:
+    from aengine.attention import triton_decode as td
+    dev, info = torch.device("cuda"), {"bench": "attn_triton", "flashinfer": fi.__version__, **machine()}
+    variants = [(bn, 4, st) for bn in (64, 128) for st in (1, 2)]
+    for name, heads, lens in triton_shapes():
+        b, total, g = len(lens), sum(lens), torch.Generator(device=dev).manual_seed(0)
+        pages = max(total, MIN_POOL_BYTES // (KV_HEADS * HEAD_DIM * 4))
+        pools = [tuple(torch.randn(pages, 1, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev, generator=g) for _ in "kv")
+                 for _ in range(POOLS)]
+        ids = torch.randperm(pages, device=dev, generator=g)[:total].to(torch.int32)
+        table = torch.zeros(b + 1, max(lens), dtype=torch.int32, device=dev)  # row 0 unused, as the engine's scratch
+        starts = [0, *itertools.accumulate(lens)]
+        for i, n in enumerate(lens):
+            table[i + 1, :n] = ids[starts[i]: starts[i + 1]]
+        slots = torch.arange(1, b + 1, dtype=torch.int32, device=dev)
+        seq = torch.tensor(lens, dtype=torch.int32, device=dev)
+        q = torch.randn(b, heads, HEAD_DIM, dtype=DTYPE, device=dev, generator=g)
+        pin = dict(dtype=torch.int32, pin_memory=True)
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=heads // KV_HEADS >= 4)
+        w.plan(torch.tensor(starts, **pin), ids, torch.ones(b, **pin), heads, KV_HEADS, HEAD_DIM, 1,
+               q_data_type=DTYPE, kv_data_type=DTYPE)
+        ref = w.run(q, pools[0]).float()
+        gb = total * KV_HEADS * HEAD_DIM * 4 / 1e9
+        base = gpu_us(w, q, pools, reps)
+        cells = [("flashinfer", base, 0.0)]
+        for sp in sorted({1, 2, 3, 4, 6, 8, td.num_splits(b, KV_HEADS)}):
+            for bn, wp, st in variants:
+                r = Run(lambda q, kv, kw=dict(table=table, slots=slots, seq_lens=seq, splits=sp, block_n=bn, warps=wp,
+                        stages=st): td.decode(q, kv[0], kv[1], **kw))
+                out = r.run(q, pools[0]).float()
+                cells.append((f"s{sp}/n{bn}/w{wp}/st{st}", gpu_us(r, q, pools, reps),
+                              ((out - ref).norm() / ref.norm()).item()))
+        for kind, us, err in cells:
+            emit_json({"shape": name, "batch": b, "qo_heads": heads, "kv_tokens": total, "kernel": kind, "us": us,
+                       "tb_per_s": gb / us * 1e3, "rel_err": err, **info}, dest)
+        best = sorted(cells[1:], key=lambda c: c[1])[:4]
+        print(f"{name:>11} (B {b}, {heads} q heads, {gb:.2f} GB): flashinfer {base:6.1f} µs {gb / base * 1e3:.2f} TB/s"
+              " | " + " | ".join(f"{k} {us:6.1f} µs {gb / us * 1e3:.2f} TB/s ({e:.0e})" for k, us, e in best))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[64, 128, 212, 256], help="batch sizes B")
@@ -149,6 +208,7 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the pool's dtype (fp8: e4m3, scale 1)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant to this file ('-': stdout)")
     ap.add_argument("--prefill", action="store_true", help="causal prefill steps, fa2 against fa3, instead of decode")
+    ap.add_argument("--triton", action="store_true", help="aengine's Triton split-KV decode against flashinfer's")
     ap.add_argument("--splits", type=ints, default=[], help="also tensor-core decode with split KV of this many tokens "
                     "per split (fixed_split_size): whether splitting beats a partial last wave of CTAs")
     args = ap.parse_args()
@@ -160,6 +220,8 @@ def main() -> None:
     ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)  # shared, as the engine's wrappers share it
     if args.prefill:
         return prefill_bench(fi, ws, ["fa2", "fa3"], args.reps, args.json)
+    if args.triton:
+        return triton_bench(fi, ws, args.reps, args.json)
     wrappers = {"cuda": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False),
                 "tc": fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True),
                 "fa2": fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")}

@@ -4,6 +4,7 @@ graph bucket; the pool is flashinfer's "NHD" layout as it is. FP8 KV and XQA dec
 import numpy as np
 import torch
 
+from aengine.attention import triton_decode
 from aengine.attention.base import AttentionBackend, ForwardBatch
 from aengine.cache.pool import KVPool
 
@@ -39,6 +40,9 @@ class FlashInferBackend(AttentionBackend):
         self.planned: torch.cuda.Event | None = None
         hopper = torch.cuda.get_device_capability(self.device)[0] == 9
         self.xqa = pool.fp8 and pool.page_size in XQA_PAGE_SIZES and hopper
+        # a model-dtype pool decodes with our split-KV Triton kernel: no plan, no last wave part-empty (docs/gpu.md)
+        self.split = not pool.fp8
+        self.splits = 1
         if self.xqa:
             self.xqa_ws = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
 
@@ -80,11 +84,16 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, fb: ForwardBatch) -> None:
         super().prepare(fb)
-        if not (fb.decode and self.xqa):
+        if fb.decode and self.split:
+            self.splits = triton_decode.num_splits(fb.batch_size, self.kv_heads)
+        elif not (fb.decode and self.xqa):
             self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
     def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
         kv = (self.pool.k[layer], self.pool.v[layer])
+        if self.fb.decode and self.split:
+            return triton_decode.decode(q.contiguous(), *kv, self.page_table, self.fb.slots, self.fb.seq_lens,
+                                        self.splits, out=out)
         if self.fb.decode and self.xqa:
             if layer == 0:  # once per step, inside the forward (and so inside a captured graph)
                 self.table = self.page_table[self.fb.slots.long()]
@@ -103,9 +112,9 @@ class FlashInferBackend(AttentionBackend):
         self.g_indices = torch.zeros(max_bs * self.page_table.shape[1], **i32)
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
+        if self.split or self.xqa:  # nothing to plan: the captured step reads the page table itself
+            return self.prepare(fb)
         super().prepare(fb)
-        if self.xqa:  # nothing to plan: the captured step gathers its block table itself
-            return
         bs = fb.batch_size
         if bs not in self.graph_w:
             self.graph_w[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(

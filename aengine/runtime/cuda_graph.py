@@ -153,10 +153,7 @@ class CudaGraphs:
         """Free the graphs: NCCL's teardown blocks while graphs that captured its collectives live (pytorch#115388)."""
         for g in [*self.graphs.values(), *(g for p, _ in self.pieces.values() for g, _ in p)]:
             g.reset()
-        self.graphs.clear()
-        self.out.clear()
-        self.pieces.clear()
-        self.sizes, self.psizes = [], []
+        self.graphs, self.out, self.pieces, self.sizes, self.psizes = {}, {}, {}, [], []
 
     def can_run(self, fb: ForwardBatch) -> bool:
         if not fb.decode:

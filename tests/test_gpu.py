@@ -102,14 +102,15 @@ def test_backend_matches_torch(name: str, case: str) -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.parametrize("heads,head_dim", [(16, 128), (32, 64), (8, 128)])  # 2, 4 and 1 query heads per KV head
-def test_split_decode_matches_torch(heads: int, head_dim: int) -> None:
+# 2, 4, 1 and 3 query heads per KV head (SmolLM2's 15/5)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (32, 8, 64), (8, 8, 128), (12, 4, 64)])
+def test_split_decode_matches_torch(heads: int, kv_heads: int, head_dim: int) -> None:
     """The split-KV Triton decode (fi's decode over a model-dtype pool) against the torch backend, whatever the
     number of splits: empty stretches (a 1-token context in 16 splits), page edges, a long context."""
     from aengine.attention import triton_decode
 
     for ps in (1, 16):
-        b = Bench(ps, heads=heads, head_dim=head_dim, max_len=3000)
+        b = Bench(ps, heads=heads, kv_heads=kv_heads, head_dim=head_dim, max_len=3000)
         fb = b.fb([1, 2, 3, 4], [0, 63, 64, 2999], [1, 1, 1, 1])
         q, k, v = b.qkv(4)
         ref = b.run(b.backend("torch"), fb, q, k, v)  # stores this step's K/V

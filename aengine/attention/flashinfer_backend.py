@@ -41,7 +41,7 @@ class FlashInferBackend(AttentionBackend):
         hopper = torch.cuda.get_device_capability(self.device)[0] == 9
         self.xqa = pool.fp8 and pool.page_size in XQA_PAGE_SIZES and hopper
         # a model-dtype pool decodes with our split-KV Triton kernel: no plan, no last wave part-empty (docs/gpu.md)
-        self.split = not pool.fp8
+        self.split = not pool.fp8 and self.head_dim & (self.head_dim - 1) == 0  # tl.arange needs powers of 2
         self.splits = 1
         if self.xqa:
             self.xqa_ws = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)

@@ -77,6 +77,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tenso
     table[slots[i], t // page_size]; seq_lens [B] int32. Launch-only (no host sync): CUDA graphs capture it."""
     b, heads, dim = q.shape
     ps, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
     part, lse = out, out
     if splits > 1:
@@ -84,7 +85,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tenso
         lse = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
     _split[(b, kv_heads, splits)](
         q, k, v, table, slots, seq_lens, part, lse, dim**-0.5 * 1.4426950408889634, table.stride(0), splits,
-        PS=ps, KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK_H=max(16, heads // kv_heads),
+        PS=ps, KV_HEADS=kv_heads, GROUP=group, D=dim, BLOCK_H=triton.next_power_of_2(max(16, group)),
         BLOCK_N=block_n, DIRECT=splits == 1, num_warps=warps, num_stages=stages)
     if splits > 1:
         _merge[(b * heads,)](part, lse, out, splits, D=dim, BLOCK_S=triton.next_power_of_2(splits))

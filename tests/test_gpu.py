@@ -84,11 +84,13 @@ class Bench:
 
 
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("case", ["prefill_over_prefix", "decode", "decode_two_pages"])
+@pytest.mark.parametrize("case", ["prefill_over_prefix", "fresh_prompt", "decode", "decode_two_pages"])
 def test_backend_matches_torch(name: str, case: str) -> None:
     for ps in PAGES[name]:
         b = Bench(ps)
-        if case == "decode":  # one new token over contexts of assorted lengths, one per page edge
+        if case == "fresh_prompt":  # one prompt, nothing cached: fi's single-request prefill, without a plan
+            starts, ext = [0], [300]
+        elif case == "decode":  # one new token over contexts of assorted lengths, one per page edge
             starts, ext = [0, 15, 16 * 7, 999], [1, 1, 1, 1]
         elif case == "decode_two_pages":  # the engine step once blamed on fa (a near tie)
             starts, ext = [135, 162, 155], [1, 1, 1]

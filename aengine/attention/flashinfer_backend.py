@@ -4,8 +4,9 @@ graph bucket; the pool is flashinfer's "NHD" layout as it is. FP8 KV and XQA dec
 import numpy as np
 import torch
 
-from aengine.attention import triton_decode
 from aengine.attention.base import AttentionBackend, ForwardBatch
+from aengine.attention.triton_decode import decode as split_decode
+from aengine.attention.triton_decode import num_splits
 from aengine.cache.pool import KVPool
 
 WORKSPACE_BYTES = 256 << 20  # split-k partial results; flashinfer recommends 128 MB and up
@@ -90,7 +91,7 @@ class FlashInferBackend(AttentionBackend):
         self.single = (not fb.decode and not self.pool.fp8 and len(fb.seq_lens_cpu) == 1
                        and fb.seq_lens_cpu == fb.extend_lens_cpu)
         if fb.decode and self.split:
-            self.splits = triton_decode.num_splits(fb.batch_size, self.kv_heads)
+            self.splits = num_splits(fb.batch_size, self.kv_heads)
         elif not (fb.decode and self.xqa or self.single):
             self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
@@ -101,7 +102,7 @@ class FlashInferBackend(AttentionBackend):
             o = self.fi.single_prefill_with_kv_cache(q, k, v, causal=True)
             return o if out is None else out.copy_(o)
         if self.fb.decode and self.split:
-            return triton_decode.decode(q.contiguous(), *kv, self.page_table, self.fb.slots, self.fb.seq_lens,
+            return split_decode(q.contiguous(), *kv, self.page_table, self.fb.slots, self.fb.seq_lens,
                                         self.splits, out=out)
         if self.fb.decode and self.xqa:
             if layer == 0:  # once per step, inside the forward (and so inside a captured graph)

@@ -127,8 +127,7 @@ def gguf_to_hf(path: Path) -> Path:
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not (files := sorted(path.glob("*.safetensors"))):
         raise FileNotFoundError(f"no *.safetensors in {str(path)!r} (use load_format='dummy' for random weights)")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:

@@ -44,8 +44,7 @@ class KVManager:
         while n > 0:
             need = -(-(n - have) // self.ps) if n > have else 0
             if need == 0 or need + reserve <= self.available():
-                pages = self.take(need)
-                if pages is not None:
+                if (pages := self.take(need)) is not None:
                     req.pages.extend(pages)
                     return n
             n = min(n - 1, (have + max(0, self.available() - reserve) * self.ps))

@@ -14,8 +14,7 @@ class PrefillPlanner(Planner):
         for req in [r for r in self.running if r.prefilling and r.finish_reason is None]:
             if budget <= 0:
                 break
-            n = self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
-            if n:
+            if n := self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve):
                 chosen.append((req, n))
                 budget -= n
         # a prompt whose opening another is computing now waits a step, then reuses that KV (docs/architecture.md)

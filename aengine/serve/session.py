@@ -153,8 +153,7 @@ class Session:
             self.server.tok_pool.submit(_TRIM, 0)  # a big prompt left and the tokenizer is idle
 
     def cancel(self, id: str) -> None:
-        st = self.live.get(id)
-        if st is None:
+        if (st := self.live.get(id)) is None:
             self.error(id, "invalid_request", f"no live request with id {id!r}")
         elif st.submitted:
             self.engine.abort(st.rid)  # its done frame comes from the scheduler's emit

@@ -7,17 +7,11 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Union, get_args, get_origin, get_type_hints
 
 from aengine.config import EngineConfig, ServerConfig
 
 CHOICES = {"cache": ["radix", "none"], "load_format": ["auto", "dummy"], "kv_cache_dtype": ["auto", "fp8_e4m3", "fp8"]}
-
-
-def _base_type(tp: Any) -> Any:  # int for `int | None`, list for `list[str]`
-    if get_origin(tp) in (Union, types.UnionType):
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    return get_origin(tp) or tp
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -25,7 +19,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     hints, docs = get_type_hints(cls), get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
+        tp = hints[f.name]
+        if get_origin(tp) in (Union, types.UnionType):  # int for `int | None`
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        tp = get_origin(tp) or tp  # list for `list[str]`
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         doc = docs[f.name].__metadata__[0]
         if tp is bool:
@@ -46,11 +43,9 @@ class _Parser(argparse.ArgumentParser):
 # Inclusive ranges (None: unbounded) checked at parsing: a bad number is one line, not an error after the load.
 RANGES = {"port": (0, 65535), "gpu_memory_utilization": (0.01, 1.0), **dict.fromkeys(
     "node_rank page_size num_pages max_prefill_tokens_decoding max_model_len cuda_graph_max_bs max_tokens_limit "
-    "piecewise_cuda_graph_max_tokens drain_seconds".split(), (0, None)), **dict.fromkeys(
-    "tp nnodes kv_cache_tokens max_running_requests max_prefill_tokens max_frame_bytes max_requests_per_connection "
-    "max_connections max_waiting_requests max_waiting_bytes max_waiting_bytes_per_connection send_buffer_bytes".split(),
-    (1, None))}
-ATTN = {"torch", "fi", "fa"}
+    "piecewise_cuda_graph_max_tokens drain_seconds".split(), (0, None)), **dict.fromkeys("tp nnodes kv_cache_tokens "
+    "max_running_requests max_prefill_tokens max_frame_bytes max_requests_per_connection max_connections "
+    "max_waiting_requests max_waiting_bytes max_waiting_bytes_per_connection send_buffer_bytes".split(), (1, None))}
 
 
 def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
@@ -59,7 +54,7 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         if v < lo or (hi is not None and v > hi):
             p.error(f"argument --{name.replace('_', '-')}: {v} is outside [{lo}, {'∞' if hi is None else hi}]")
     parts = ns.attn.split(",")
-    if ns.attn != "auto" and (len(parts) > 2 or not set(parts) <= ATTN):
+    if ns.attn != "auto" and (len(parts) > 2 or not set(parts) <= {"torch", "fi", "fa"}):
         p.error(f"argument --attn: {ns.attn!r} is not auto, one of torch, fi, fa, or PREFILL,DECODE of those")
     if ns.model is not None and not Path(ns.model).expanduser().exists():
         p.error(f"argument --model: {ns.model!r} does not exist")

@@ -19,7 +19,7 @@ from aengine.scheduler.scheduler import Scheduler
 from aengine.tokenizer import Detokenizer, Tokenizer
 from aengine.tp.launch import start_tp
 from aengine.types import ContextLengthExceeded, EmitFn, EngineStats, InvalidRequest, RequestDelta, SamplingParams
-from aengine.weights import has_tokenizer, load_hf_config, resolve_model
+from aengine.weights import load_hf_config, resolve_model
 
 log = logging.getLogger("aengine")
 
@@ -44,7 +44,7 @@ class AsyncEngine:
         self.hf_config = load_hf_config(self.path)
         model_class(self.hf_config)  # fail early on an unknown architecture
         tok_path = Path(cfg.tokenizer) if cfg.tokenizer else self.path
-        if not has_tokenizer(tok_path):
+        if not any((tok_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             log.warning("no tokenizer in %s; using the embedded model's tokenizer", tok_path)
             tok_path = resolve_model(None)
         self.model_name = cfg.model or "SmolLM2-135M-Instruct"
@@ -62,13 +62,10 @@ class AsyncEngine:
         self.scheduler: Scheduler | None = None
         self.task: asyncio.Task | None = None
 
-    # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         if self.task is not None:
             return
-        r = self.runner
-        self.scheduler = Scheduler(self.cfg, self.executor, self.tokenizer.eos_ids, page_size=r.page_size,
-                                   num_pages=r.num_pages, max_model_len=r.max_model_len, grammars=self.grammars)
+        self.scheduler = Scheduler(self.cfg, self.executor, self.tokenizer.eos_ids, self.grammars)
         self.task = asyncio.create_task(self.scheduler.run(), name="aengine-scheduler")
 
     @property
@@ -87,11 +84,10 @@ class AsyncEngine:
             self.task = None
             self.executor.shutdown()
 
-    # ---- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                input_ids: list[int] | None = None) -> list[int]:
-        """Token ids of exactly one of prompt / messages / input_ids (may take a while: call it
-        off the event loop for long inputs)."""
+        """Token ids of exactly one of prompt / messages / input_ids (slow for long inputs: call it off the loop)."""
+        vocab = self.hf_config.vocab_size
         if sum(x is not None for x in (prompt, messages, input_ids)) != 1:
             raise InvalidRequest("give exactly one of prompt, messages, input_ids")
         if prompt is not None:
@@ -107,16 +103,15 @@ class AsyncEngine:
             ids = input_ids
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise InvalidRequest("input_ids must be a list of integers")
-            vocab = self.hf_config.vocab_size
             if ids and (min(ids) < 0 or max(ids) >= vocab):  # min/max run in C; the list only on error
                 bad = [t for t in ids if not 0 <= t < vocab]
                 raise InvalidRequest(f"input_ids out of range [0, {vocab}): {bad[:5]}")
         if not ids:
             raise InvalidRequest("the prompt is empty")
-        if input_ids is None and max(ids) >= self.hf_config.vocab_size:
+        if input_ids is None and max(ids) >= vocab:
             # a tokenizer borrowed for a smaller dummy model can produce ids the model lacks
-            raise InvalidRequest(f"the tokenizer produced ids beyond this model's vocabulary "
-                                 f"({self.hf_config.vocab_size}); send input_ids instead")
+            raise InvalidRequest(f"the tokenizer produced ids beyond this model's vocabulary ({vocab}); "
+                                 "send input_ids instead")
         return list(ids)
 
     def check_size(self, prompt: str | None = None, messages: list[dict] | None = None,
@@ -172,8 +167,7 @@ class AsyncEngine:
         left = params.n
         try:
             while left:
-                d = await q.get()
-                yield d
+                yield (d := await q.get())
                 left -= d.finish_reason is not None
         finally:
             self.abort(rid)
@@ -182,7 +176,6 @@ class AsyncEngine:
         if self.scheduler is not None:
             self.scheduler.abort(rid)
 
-    # ---- introspection (metrics, tests, benchmarks) ----------------------------------------
     def stats(self) -> EngineStats:
         return self.scheduler.stats() if self.scheduler is not None else EngineStats()
 
@@ -193,4 +186,4 @@ class AsyncEngine:
     def clear_cache(self) -> None:
         """Drop what the prefix cache holds that no running request uses."""
         if self.scheduler is not None:
-            self.scheduler.clear_cache()
+            self.scheduler.kv.clear_cache()

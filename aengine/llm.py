@@ -12,8 +12,7 @@ from aengine.types import EngineStats, RequestDelta, RequestOutput, SamplingPara
 
 class LLM:
     def __init__(self, model: str | None = None, **kw: object) -> None:
-        cfg = kw.pop("config", None) or EngineConfig()
-        self.engine = AsyncEngine(cfg.replace(model=model, **kw))
+        self.engine = AsyncEngine((kw.pop("config", None) or EngineConfig()).replace(model=model, **kw))
         self.tokenizer = self.engine.tokenizer
         self._loop = new_event_loop()
         self._loop.run_until_complete(self.engine.start())
@@ -28,7 +27,7 @@ class LLM:
             prompts = [prompts]
         ids = [self.engine.encode(input_ids=list(p)) if isinstance(p, list) else self.engine.encode(prompt=p)
                for p in prompts]
-        return self._run(ids, sampling, use_tqdm)
+        return self._loop.run_until_complete(self._run(ids, sampling, use_tqdm))
 
     def chat(self, conversations: Sequence[list[dict]] | list[dict],
              sampling: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -36,19 +35,15 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         ids = [self.engine.encode(messages=list(c)) for c in conversations]
-        return self._run(ids, sampling, use_tqdm)
+        return self._loop.run_until_complete(self._run(ids, sampling, use_tqdm))
 
-    def _run(self, prompt_ids: list[list[int]], sampling: object, use_tqdm: bool) -> list[RequestOutput]:
+    async def _run(self, prompt_ids: list[list[int]], sampling: object, use_tqdm: bool) -> list[RequestOutput]:
         params = list(sampling) if isinstance(sampling, (list, tuple)) else \
             [sampling or SamplingParams()] * len(prompt_ids)
         if len(params) != len(prompt_ids):
             raise ValueError("give one SamplingParams, or one per prompt")
         for p in params:
             p.validate()
-        return self._loop.run_until_complete(self._gen(prompt_ids, params, use_tqdm))
-
-    async def _gen(self, prompt_ids: list[list[int]], params: list[SamplingParams],
-                   use_tqdm: bool) -> list[RequestOutput]:
         done = asyncio.Event()
         outs: dict[str, RequestOutput] = {}
         bar, total = None, sum(p.n for p in params)
@@ -74,22 +69,19 @@ class LLM:
                 self.engine.submit(rid, ids, p, emit)
                 rids.append(rid)
             if rids:
-                await self._wait(done)
+                waiter = asyncio.ensure_future(done.wait())
+                await asyncio.wait([waiter, self.engine.task], return_when=asyncio.FIRST_COMPLETED)
+                # a fault ends every request with finish_reason "error" (setting `done`) and then the task
+                if not waiter.done() or self.engine.task.done():
+                    waiter.cancel()
+                    exc = self.engine.task.exception() if self.engine.task.done() else None
+                    raise RuntimeError("the engine stopped") from exc
         finally:
             for rid in rids:
                 self.engine.abort(rid)
             if bar is not None:
                 bar.close()
         return [outs[r, i] for r, p in zip(rids, params) for i in range(p.n)]
-
-    async def _wait(self, done: asyncio.Event) -> None:
-        waiter = asyncio.ensure_future(done.wait())
-        await asyncio.wait([waiter, self.engine.task], return_when=asyncio.FIRST_COMPLETED)
-        # a fault ends every request with finish_reason "error" (setting `done`) and then the task
-        if not waiter.done() or self.engine.task.done():
-            waiter.cancel()
-            exc = self.engine.task.exception() if self.engine.task.done() else None
-            raise RuntimeError("the engine stopped") from exc
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -14,13 +14,11 @@ class Tokenizer:
         import transformers
         cls = transformers.PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else transformers.AutoTokenizer
         self.hf = cls.from_pretrained(str(path), local_files_only=True)
-        self.eos_ids: set[int] = set()
+        self.eos_ids: set[int] = {getattr(self.hf, "eos_token_id", None)} - {None}  # the tokenizer's and the configs'
         for name in ("generation_config.json", "config.json"):
             if (f := path / name).exists():
                 e = json.loads(f.read_text()).get("eos_token_id")
                 self.eos_ids.update(e if isinstance(e, list) else [e] if e is not None else [])
-        if getattr(self.hf, "eos_token_id", None) is not None:
-            self.eos_ids.add(self.hf.eos_token_id)
         # the most UTF-8 bytes one token can stand for (its vocabulary string's bytes bound them
         # from above): text longer than this times a context cannot fit it, whatever its tokens
         self.max_token_bytes = max((len(t.encode()) for t in self.hf.get_vocab()), default=1)
@@ -82,8 +80,7 @@ def _failure(s: str) -> list[int]:
 
 
 class Detokenizer:
-    """Turns a request's token ids into text deltas. Text that might be the start of a stop string
-    is held back until it is known not to be one."""
+    """A request's token ids as text deltas; text that may begin a stop string is held back until it cannot."""
 
     def __init__(self, tok: Tokenizer, stop: list[str]) -> None:
         self.backend = tok.hf.backend_tokenizer

@@ -155,8 +155,7 @@ class EngineStats:
     running: int = 0  # requests admitted to the batch
     waiting: int = 0  # requests queued for admission
     requests: int = 0  # live requests (running, waiting, or just aborted)
-    # KV pages: capacity = free + used + cached
-    pages_total: int = 0
+    pages_total: int = 0  # KV pages: capacity = free + used + cached
     pages_free: int = 0
     pages_used: int = 0  # held by live requests
     pages_cached: int = 0  # held only by the prefix cache (evictable)

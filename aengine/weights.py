@@ -107,14 +107,13 @@ def gguf_to_hf(path: Path) -> Path:
         cfg.moe_intermediate_size = int(reader.fields["qwen3moe.expert_feed_forward_length"].contents())
     cfg.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name} (once)", unit="tensor"):
         w = gguf.dequantize(t.data, t.tensor_type)
         name = functools.reduce(lambda n, r: re.sub(*r, n), GGUF_NAMES, t.name)
         if arch == "llama" and re.search(r"self_attn\.(q|k)_proj\.weight$", name):
             # llama.cpp permutes q/k rows for its rotary layout; undo it
-            n = heads if ".q_proj" in name else kv_heads
+            n = cfg.num_attention_heads if ".q_proj" in name else cfg.num_key_value_heads
             w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32))
     save_file(tensors, str(tmp / "model.safetensors"))
@@ -128,8 +127,7 @@ def gguf_to_hf(path: Path) -> Path:
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not (files := sorted(path.glob("*.safetensors"))):
         raise FileNotFoundError(f"no *.safetensors in {str(path)!r} (use load_format='dummy' for random weights)")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
@@ -166,7 +164,3 @@ def load_hf_config(path: Path) -> SimpleNamespace:
     cfg.mlp_only_layers = cfg.mlp_only_layers or []
     cfg.num_experts = raw.get("num_local_experts", getattr(cfg, "num_experts", 0))  # transformers 5 saves that
     return cfg
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

@@ -32,8 +32,7 @@ def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
 class KVPool:
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None) -> None:
-        self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
-        self.fp8 = dtype == FP8
+        self.num_pages, self.page_size, self.dtype, self.fp8 = num_pages, page_size, dtype, dtype == FP8
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
         # zeroed on the GPU (a cheap memset): kernels loading whole page tiles must not meet NaN/Inf in
         # unwritten slots; the CPU reads only written slots, and zeroing gigabytes there takes seconds
@@ -41,8 +40,7 @@ class KVPool:
         # FP8 is allocated as bytes and viewed as float8: every op moving FP8 rows (zero fill, store's
         # scatter, read's gather) runs on the uint8 view, which every torch build supports everywhere
         store = torch.uint8 if self.fp8 else dtype
-        self.k = alloc(shape, dtype=store, device=device).view(dtype)
-        self.v = alloc(shape, dtype=store, device=device).view(dtype)
+        self.k, self.v = (alloc(shape, dtype=store, device=device).view(dtype) for _ in "kv")
         # per layer (k_scale, v_scale): floats for the attention kernels; for the fused KV write, a [layers, 2]
         # fp32 tensor of reciprocals (read on the device: nothing on the host changes under a captured graph)
         sc = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers

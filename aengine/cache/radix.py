@@ -54,8 +54,7 @@ class RadixCache:
         limit = len(tokens) - len(tokens) % self.ps
         tokens = tokens[:limit]
         while i < limit:
-            child = node.children.get(tuple(tokens[i : i + self.ps]))
-            if child is None:
+            if (child := node.children.get(tuple(tokens[i : i + self.ps]))) is None:
                 break
             n = self._common(child.key, tokens, i)
             if n < len(child.key):

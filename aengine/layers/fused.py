@@ -24,15 +24,12 @@ def flashinfer() -> ModuleType | None:
 
 def fused(x: torch.Tensor) -> ModuleType | None:
     """flashinfer when x is a CUDA half-precision tensor and flashinfer is installed."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    return flashinfer()
+    return flashinfer() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """The gated activation of Llama/Qwen MLPs on a fused gate_up projection."""
-    fi = fused(x)
-    if fi is not None:
+    if (fi := fused(x)) is not None:
         return fi.activation.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -13,20 +13,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        fi = fused(x)
-        if fi is not None:
+        if (fi := fused(x)) is not None:
             shape = x.shape  # q/k norms see [tokens, heads, head_dim]; the kernel wants rows
             return fi.norm.rmsnorm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
         y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x)
-        fi = fused(x)
-        if fi is not None:
+        if (fi := fused(x)) is not None:
             # one kernel for the add and the norm; it updates x and residual in place, which is
             # safe here: the decoder layers hand over fresh tensors and never reuse them
             fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)

@@ -11,8 +11,7 @@ from aengine.layers.fused import fused
 def rope_params(cfg: object) -> tuple[float, dict]:
     """(theta, scaling dict) from an HF config of transformers 4 (rope_theta/rope_scaling) or 5 (rope_parameters)."""
     rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    theta = float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    return theta, rp
+    return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))), rp
 
 
 def _inv_freq(dim: int, theta: float, rp: dict) -> torch.Tensor:
@@ -51,8 +50,7 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = _cos_sin(head_dim, max_pos, theta, rp, torch.empty(0).device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fi = fused(q)
-        if fi is not None:  # in place, on the q/k views of the fused projection: no copies
+        if (fi := fused(q)) is not None:  # in place, on the q/k views of the fused projection: no copies
             fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], self.cos_sin, True)
             return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]

@@ -88,8 +88,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-# FP8 KV cache scales under the names checkpoints use (docs/gpu.md, Scales); q_scale and prob_scale
-# (FP8 attention math) are matched only to be skipped.
+# FP8 KV cache scales as checkpoints name them (docs/gpu.md, Scales); q_scale, prob_scale (FP8 attention) are skipped
 KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?"
                       r"(k_scale|v_scale|kv_scale|q_scale|prob_scale)$"
                       r"|^layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")
@@ -97,8 +96,7 @@ EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")  # o
 
 
 class LlamaForCausalLM(nn.Module):
-    qkv_bias = False
-    qk_norm = False
+    qkv_bias = qk_norm = False  # Qwen2 / Qwen3 below turn one on
     # HF checkpoint name -> (our fused module, part)
     stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}

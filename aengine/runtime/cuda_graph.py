@@ -55,8 +55,7 @@ class CudaGraphs:
     def __init__(self, model: nn.Module, backend: AttentionBackend, max_bs: int,
                  prefill_backend: AttentionBackend | None = None, max_tokens: int = 0) -> None:
         self.model, self.backend = model, backend
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode by batch size: graph, output
         self.sizes: list[int] = []
         self.pieces: dict[int, tuple[list, torch.Tensor]] = {}  # prefill by token bucket: (graph, layer)s, output
         self.psizes: list[int] = []
@@ -76,7 +75,6 @@ class CudaGraphs:
         except Exception:  # a backend that cannot be captured must not take the engine down
             log.exception("CUDA graph capture failed; decode runs eagerly")
             self.graphs.clear()
-            self.out.clear()
         # the torch backend stores K/V itself: it stays the eager reference
         if prefill_backend is not None and prefill_backend.fused_store and psizes:
             self.prefill_backend = prefill_backend
@@ -103,9 +101,9 @@ class CudaGraphs:
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self.out[n] = model(fb.input_ids, fb.positions)
+                    out = model(fb.input_ids, fb.positions)
             g.replay()  # the first launch of a graph uploads it (ms); here, not in the first step of this batch size
-            self.graphs[n] = g
+            self.graphs[n] = g, out
         self.sizes = sizes
         log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
                  time.perf_counter() - t0)
@@ -154,14 +152,13 @@ class CudaGraphs:
 
     def release(self) -> None:
         """Free the graphs: NCCL's teardown blocks while graphs that captured its collectives live (pytorch#115388)."""
-        for g in [*self.graphs.values(), *(g for p, _ in self.pieces.values() for g, _ in p)]:
+        for g in [*(g for g, _ in self.graphs.values()), *(g for p, _ in self.pieces.values() for g, _ in p)]:
             g.reset()
-        self.graphs, self.out, self.pieces, self.sizes, self.psizes = {}, {}, {}, [], []
+        self.graphs, self.pieces, self.sizes, self.psizes = {}, {}, [], []
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        if not fb.decode:
-            return bool(self.psizes) and len(fb.input_ids) <= self.psizes[-1]
-        return bool(self.sizes) and fb.batch_size <= self.sizes[-1]
+        sizes, n = (self.sizes, fb.batch_size) if fb.decode else (self.psizes, len(fb.input_ids))
+        return bool(sizes) and n <= sizes[-1]
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
         """The final hidden states of fb's rows."""
@@ -177,5 +174,6 @@ class CudaGraphs:
                 buf[b:n].zero_()
             self.seq[b:n].fill_(1)
         self.backend.prepare_graph(self._fb(n, list(fb.seq_lens_cpu) + [1] * (n - b)))
-        self.graphs[n].replay()
-        return self.out[n][:b]
+        graph, out = self.graphs[n]
+        graph.replay()
+        return out[:b]

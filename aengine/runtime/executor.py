@@ -1,7 +1,6 @@
-"""Launching a step without blocking the event loop, and awaiting its sampled ids.
-CPU: the step runs in one worker thread (steps stay in order). CUDA: kernels are launched from
-the loop thread on the runner's stream, the ids are copied to pinned host memory, and a CUDA
-event is awaited from a helper thread, so the loop keeps serving while the GPU works."""
+"""Launching a step without blocking the event loop, and awaiting its sampled ids. CPU: the step runs in one worker
+thread (steps stay in order). CUDA: kernels are launched from the loop thread on the runner's stream, the ids are
+copied to pinned host memory, and a CUDA event is awaited from a helper thread: the loop serves on meanwhile."""
 
 import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor

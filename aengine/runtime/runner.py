@@ -87,12 +87,10 @@ class ModelRunner:
         self.last_tok = torch.zeros(self.max_slots, dtype=torch.int32, device=self.device)
         kw = dict(pool=self.pool, page_table=self.page_table, num_heads=attn.n_local, cfg=cfg, q_dtype=self.dtype)
         self.prefill_backend = create_backend(prefill_attn, **kw)
-        self.decode_backend = (self.prefill_backend if decode_attn == prefill_attn
-                               else create_backend(decode_attn, **kw))
-        self.graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0:
-            self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1),
-                                     self.prefill_backend, cfg.piecewise_cuda_graph_max_tokens)
+        self.decode_backend = self.prefill_backend if decode_attn == prefill_attn else create_backend(decode_attn, **kw)
+        self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1),
+                                 self.prefill_backend, cfg.piecewise_cuda_graph_max_tokens) \
+            if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0 else None
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
         """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""
@@ -117,13 +115,11 @@ class ModelRunner:
         elif tp().rank == 0 and self.kv_dtype == FP8:
             log.info("FP8 KV scales: 1.0 (the checkpoint has none; K/V beyond +-448 saturate)")
         elif tp().rank == 0 and loaded:
-            log.info("the checkpoint's %d KV scale tensors are unused: the KV cache is %s", loaded,
-                     dtype_name(self.kv_dtype))
+            log.info("the checkpoint's %d KV scale tensors are unused: the KV cache is %s", loaded, self.kv_cache_dtype)
         return scales
 
     @property
-    def kv_cache_dtype(self) -> str:
-        """The KV cache's storage, as /metrics and the log name it: fp8_e4m3, bfloat16, float32."""
+    def kv_cache_dtype(self) -> str:  # for /metrics
         return dtype_name(self.kv_dtype)
 
     def _upload(self, ints: list[np.ndarray]) -> list[torch.Tensor]:
@@ -169,9 +165,8 @@ class ModelRunner:
         return process_logits(self.model.logits(hidden[fb.sample_idx]), inp, self.last_tok, d_sslots), d_sslots
 
     @torch.inference_mode()
-    def sample(self, inp: StepInput, logits: torch.Tensor, d_sslots: torch.Tensor, masks: tuple | None = None) \
-            -> torch.Tensor:
-        if masks is not None:
+    def sample(self, inp: StepInput, logits: torch.Tensor, d_sslots: torch.Tensor, masks: tuple = ()) -> torch.Tensor:
+        if masks:  # (masked rows, their grammar's masks)
             apply_token_masks(logits, *masks)
         ids = broadcast_from_first(sample(logits, self._sampling(inp)))
         if len(inp.sample_rows):
@@ -182,8 +177,7 @@ class ModelRunner:
         seeds = [(i, s, inp.seq_lens[r]) for i, (s, r) in enumerate(zip(inp.seeds, inp.sample_rows)) if s >= 0]
         f = torch.tensor([inp.temperature, inp.top_p, inp.min_p], dtype=torch.float32).view(3, -1)
         f, k = upload(f, self.device), upload(torch.tensor(inp.top_k, dtype=torch.int64), self.device)
-        return SamplingTensors(temperature=f[0], top_p=f[1], top_k=k, min_p=f[2], seeds=seeds,
-                               all_greedy=not any(t > 0 for t in inp.temperature),
-                               any_greedy=not all(t > 0 for t in inp.temperature),
-                               need_topk=any(k > 0 for k in inp.top_k), need_topp=any(p < 1.0 for p in inp.top_p),
-                               need_minp=any(p > 0 for p in inp.min_p))
+        greedy = [not t > 0 for t in inp.temperature]  # a row samples only when its temperature is > 0
+        return SamplingTensors(temperature=f[0], top_p=f[1], top_k=k, min_p=f[2], seeds=seeds, all_greedy=all(greedy),
+                               any_greedy=any(greedy), need_topk=any(k > 0 for k in inp.top_k),
+                               need_topp=any(p < 1.0 for p in inp.top_p), need_minp=any(p > 0 for p in inp.min_p))

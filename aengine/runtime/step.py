@@ -1,5 +1,4 @@
-"""What the scheduler sends the model runner each step: plain lists, msgspec-encodable, so that
-tensor-parallel ranks receive exactly what rank 0 runs."""
+"""The scheduler's step for the model runner: plain lists, msgspec-encodable, so that TP ranks run exactly rank 0's."""
 
 import msgspec
 
@@ -28,7 +27,3 @@ class StepInput(msgspec.Struct, array_like=True):
     bias: list[tuple[int, int, float]] = []
     logprobs: int = -1
     masked: list[int] = []  # sampled rows (indexes into sample_rows) that a grammar constrains
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.slots)

@@ -1,19 +1,10 @@
 """Decode steps: a page for each running request whose next token starts one; preemption when the pool runs dry."""
 
-from collections import deque
-
-from aengine.scheduler.kv import KVManager
+from aengine.scheduler.kv import Planner
 from aengine.scheduler.request import Req
-from aengine.types import EngineStats
 
 
-class DecodePlanner:
-    """Works on the scheduler's own queues (the same list and deque objects)."""
-
-    def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
-                 stats: EngineStats) -> None:
-        self.kv, self.waiting, self.running, self.free_slots, self.stats = kv, waiting, running, free_slots, stats
-
+class DecodePlanner(Planner):
     def _full(self, reqs: list[Req]) -> list[Req]:
         """Those of reqs whose next token starts a page (inline: it runs over every row, every step)."""
         ps = self.kv.ps

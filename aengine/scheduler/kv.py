@@ -1,9 +1,12 @@
-"""Which KV pages each request holds: the page allocator, the radix prefix cache, and the request
-side of both (a request's pages begin with those of its locked radix path)."""
+"""Which KV pages each request holds: the page allocator, the radix prefix cache, and the request side of both (a
+request's pages begin with those of its locked radix path); Planner: the base of prefill.py's and decode.py's."""
+
+from collections import deque
 
 from aengine.cache.allocator import PageAllocator
 from aengine.cache.radix import RadixCache
 from aengine.scheduler.request import Req
+from aengine.types import EngineStats
 
 
 class KVManager:
@@ -41,21 +44,18 @@ class KVManager:
         while n > 0:
             need = -(-(n - have) // self.ps) if n > have else 0
             if need == 0 or need + reserve <= self.available():
-                pages = self.take(need)
-                if pages is not None:
+                if (pages := self.take(need)) is not None:
                     req.pages.extend(pages)
                     return n
             n = min(n - 1, (have + max(0, self.available() - reserve) * self.ps))
         return 0
 
     def release(self, req: Req, cache: bool = True) -> None:
-        """Give back req's pages; with the radix cache its computed prefix stays cached (with
-        cache=False only what the tree already held stays)."""
-        n = min(req.kv_len, len(req.all_ids))  # KV written: all but the last sampled token
+        """Free req's pages; the radix cache keeps their computed prefix (cache=False: only what it held already)."""
         start = 0
         if self.tree is not None:
-            if cache:
-                tree_pages, _ = self.tree.insert(req.all_ids[:n], req.pages)
+            if cache:  # the KV written: all but the last sampled token
+                tree_pages, _ = self.tree.insert(req.all_ids[: req.kv_len], req.pages)
                 self.alloc.free([m for m, t in zip(req.pages, tree_pages) if m != t])  # duplicates
                 start = len(tree_pages)
             else:  # req.pages begins with the pages of its locked node's path, which the tree owns
@@ -88,9 +88,8 @@ class KVManager:
 
     def usage(self) -> tuple[int, int, int, int]:
         """(capacity, free, cached: held only by the prefix cache, evicted so far) in pages."""
-        tree = self.tree
-        return (self.alloc.capacity, self.alloc.num_free, tree.evictable_pages if tree else 0,
-                tree.evicted_pages if tree else 0)
+        cached, evicted = (self.tree.evictable_pages, self.tree.evicted_pages) if self.tree else (0, 0)
+        return self.alloc.capacity, self.alloc.num_free, cached, evicted
 
     def check(self, running: list[Req], idle: bool) -> list[str]:
         """Every page is free, held by a running request, or held by the radix tree, exactly once."""
@@ -99,7 +98,14 @@ class KVManager:
         free = self.alloc.free_pages()
         if len(pages) != len(set(pages)) or owned & set(free) or len(set(free)) != len(free):
             problems.append("a page is held twice, or held and free")
-        if idle and len(owned) + len(free) != self.alloc.capacity:
-            lost = self.alloc.capacity - len(owned) - len(free)
+        if idle and (lost := self.alloc.capacity - len(owned) - len(free)):
             problems.append(f"idle, but {lost} pages are neither free nor cached")
         return problems
+
+
+class Planner:
+    """A step planner: works on the scheduler's own queues (the same list and deque objects) and KV."""
+
+    def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
+                 stats: EngineStats) -> None:
+        self.kv, self.waiting, self.running, self.free_slots, self.stats = kv, waiting, running, free_slots, stats

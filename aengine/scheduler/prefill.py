@@ -1,20 +1,10 @@
 """Admission and chunked prefill: the prompts (and their tokens) of the next prefill step, within budget and pages."""
 
-from collections import deque
-
-from aengine.scheduler.kv import KVManager
+from aengine.scheduler.kv import Planner
 from aengine.scheduler.request import PREFIX_KEY, Req
-from aengine.types import EngineStats
 
 
-class PrefillPlanner:
-    """Works on the scheduler's own queues (the same list and deque objects)."""
-
-    def __init__(self, kv: KVManager, waiting: deque[Req], running: list[Req], free_slots: list[int],
-                 stats: EngineStats, max_running: int) -> None:
-        self.kv, self.waiting, self.running, self.free_slots = kv, waiting, running, free_slots
-        self.stats, self.max_running = stats, max_running
-
+class PrefillPlanner(Planner):
     def plan(self, decoding: list[Req], budget: int) -> list[tuple[Req, int]] | None:
         """(request, tokens) rows of a prefill step of `budget` tokens: `decoding` requests first (a mixed
         step), one token each, then chunks of running prompts, then newly admitted ones; None: none fits."""
@@ -24,12 +14,10 @@ class PrefillPlanner:
         for req in [r for r in self.running if r.prefilling and r.finish_reason is None]:
             if budget <= 0:
                 break
-            n = self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
-            if n:
+            if n := self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve):
                 chosen.append((req, n))
                 budget -= n
-        # a waiting prompt whose opening another is computing right now waits a step, then reuses
-        # that KV instead of computing it again (docs/architecture.md)
+        # a prompt whose opening another is computing now waits a step, then reuses that KV (docs/architecture.md)
         pending = {r.prefix_key for r in self.running if r.tree_len < PREFIX_KEY} if self.kv.tree else set()
         i = 0
         while i < len(self.waiting) and budget > 0:
@@ -57,7 +45,7 @@ class PrefillPlanner:
     def _fits(self, req: Req, reserve: int) -> bool:
         """A slot is free and req's uncached pages fit beside `reserve`, the next decode step's pages."""
         need = -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps)
-        return bool(self.free_slots) and len(self.running) < self.max_running and need + reserve <= self.kv.available()
+        return bool(self.free_slots) and need + reserve <= self.kv.available()
 
     def _admit(self, req: Req) -> None:
         """Give a waiting request a slot (plan() checked that one is free) and its cached prefix."""

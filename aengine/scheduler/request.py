@@ -44,9 +44,8 @@ class Req:
         # the opening tokens that requests sharing a prompt prefix have in common
         self.prefix_key = tuple(self.prompt_ids[:PREFIX_KEY]) if len(self.prompt_ids) > PREFIX_KEY else None
         p = self.params  # whether its rows need batch.py's logit processing: one check per step if not
-        self.processed = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                              or p.logit_bias or p.min_tokens or p.logprobs is not None
-                              or self.matcher is not None)
+        self.processed = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 or p.logit_bias
+                              or p.min_tokens or p.logprobs is not None or self.matcher is not None)
         self.prompt_set = list(set(self.prompt_ids)) if p.repetition_penalty != 1 else []  # its penalty's
         # Sampling runs in float32: 1 / T overflows for T near 1e-38, and a top_p that rounds to 0
         # keeps no token at all. Both limits mean "the most likely token", so they are greedy.

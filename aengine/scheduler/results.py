@@ -28,10 +28,9 @@ def append_token(req: Req, tok: int, eos_ids: set[int], max_model_len: int) -> s
 
 def output(req: Req, reason: str) -> RequestOutput:
     ms = lambda t: (t - req.t_arrival) * 1e3  # noqa: E731
-    return RequestOutput(req.rid, req.detok.text, list(req.output_ids), reason, len(req.prompt_ids),
-                         req.cached_tokens, req.prompt_ids, ms(req.t_first) if req.t_first else 0.0,
-                         ms(req.t_last or req.t_arrival), req.index,
-                         None if req.logprobs is None else list(req.logprobs))
+    return RequestOutput(req.rid, req.detok.text, list(req.output_ids), reason, len(req.prompt_ids), req.cached_tokens,
+                         req.prompt_ids, ms(req.t_first) if req.t_first else 0.0, ms(req.t_last or req.t_arrival),
+                         req.index, None if req.logprobs is None else list(req.logprobs))
 
 
 def emit(req: Req, ids: list[int], text: str, reason: str | None = None) -> None:

@@ -33,26 +33,23 @@ POLL_S = 20e-6  # the grammar worker's wait for a step's ids: about the loop's o
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, executor: Executor, eos_ids: set[int], *, page_size: int,
-                 num_pages: int, max_model_len: int, grammars: Grammars | None = None) -> None:
-        self.cfg, self.grammars, self.ex, self.eos_ids, self.max_model_len = cfg, grammars, executor, eos_ids, \
-            max_model_len
-        self.kv = KVManager(num_pages, page_size, cfg.cache)
+    def __init__(self, cfg: EngineConfig, executor: Executor, eos_ids: set[int], grammars: Grammars) -> None:
+        self.cfg, self.grammars, self.ex, self.eos_ids = cfg, grammars, executor, eos_ids
+        self.max_model_len = executor.runner.max_model_len
+        self.kv = KVManager(executor.runner.num_pages, executor.runner.page_size, cfg.cache)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted: prefilling or decoding, in admission order
         self.free_slots = list(range(cfg.max_running_requests, 0, -1))
         self.aborted: list[Req] = []
         self.by_id: dict[str, Req] = {}
         self.counters = EngineStats()
-        self.prefill = PrefillPlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters,
-                                      cfg.max_running_requests)
+        self.prefill = PrefillPlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters)
         self.decode = DecodePlanner(self.kv, self.waiting, self.running, self.free_slots, self.counters)
         self.last_was_prefill = False
         self._wake, self._stopping = asyncio.Event(), False
         self.fault: BaseException | None = None
         self.faults = 0  # consecutive faulted steps
 
-    # ---- front-end interface -------------------------------------------------------------
     def add(self, req: Req) -> None:
         self.by_id[req.rid] = req
         req.fill_ids = list(req.prompt_ids)
@@ -72,22 +69,16 @@ class Scheduler:
     def stats(self) -> EngineStats:
         capacity, free, cached, evicted = self.kv.usage()
         # pages only the radix cache holds are reclaimable: cached, not used
-        return dataclasses.replace(
-            self.counters, running=len(self.running), waiting=len(self.waiting), requests=len(self.by_id),
-            pages_total=capacity, pages_free=free, pages_used=capacity - free - cached, pages_cached=cached,
-            pages_evicted=evicted)
-
-    def clear_cache(self) -> None:
-        self.kv.clear_cache()
+        return dataclasses.replace(self.counters, running=len(self.running), waiting=len(self.waiting),
+                                   requests=len(self.by_id), pages_total=capacity, pages_free=free,
+                                   pages_used=capacity - free - cached, pages_cached=cached, pages_evicted=evicted)
 
     def check(self) -> list[str]:
-        """Integrity problems of the KV bookkeeping (none expected)."""
         problems = self.kv.check(self.running, idle=not self.by_id)
         if not self.by_id and sorted(self.free_slots) != list(range(1, self.cfg.max_running_requests + 1)):
             problems.append(f"idle, but {self.cfg.max_running_requests - len(self.free_slots)} slots are taken")
         return problems
 
-    # ---- the loop ------------------------------------------------------------------------
     async def run(self) -> None:
         inflight: tuple[StepInput, list[Req], Pending] | None = None
         ahead: tuple[StepInput, list[Req]] | None = None  # the next step, built while masks were filled
@@ -128,8 +119,7 @@ class Scheduler:
                         self._advance(inflight, []).result()
                     inflight = None
                 if batch is None and not processed:
-                    # nothing ran and nothing finished: sleep until a request arrives or is aborted
-                    self._wake.clear()
+                    self._wake.clear()  # nothing ran and nothing finished: sleep until a request arrives or is aborted
                     await self._wake.wait()
                 elif batch is None:
                     await asyncio.sleep(0)
@@ -141,7 +131,6 @@ class Scheduler:
             self.by_id.clear()
             raise
 
-    # ---- scheduling ----------------------------------------------------------------------
     def _schedule(self, can_retract: bool) -> tuple[StepInput, list[Req]] | None:
         decodable = [r for r in self.running if r.kv_len >= len(r.fill_ids) and r.finish_reason is None
                      and len(r.output_ids) + r.pending < r.max_tokens]  # (not r.prefilling, inline: every row)
@@ -175,7 +164,6 @@ class Scheduler:
     def _build(self, chosen: list[tuple[Req, int]], decode: bool, n_decoding: int = 0) -> tuple[StepInput, list[Req]]:
         return build_step(chosen, decode, n_decoding, self.counters, self.eos_ids), [r for r, _ in chosen]
 
-    # ---- results -------------------------------------------------------------------------
     def _advance(self, step: tuple[StepInput, list[Req], Pending] | None, then: list[Req]) -> Future:
         """The grammar worker's job: once step's ids are in (it polls; a failed step has none), its constrained
         rows' matchers consume them; its result: the masks of the rows `then`. Started before the next launch."""
@@ -212,8 +200,7 @@ class Scheduler:
                 self._finish(req, reason, [tok], text)
             else:
                 emit(req, [tok], text)
-        if not inp.decode:
-            # cache computed prompts now, not when they finish, so that requests sharing them hit
+        if not inp.decode:  # cache computed prompts now, not when they finish, so that requests sharing them hit
             for req in reqs:
                 if req.finish_reason is None and req.slot:
                     self.kv.cache_unfinished(req)

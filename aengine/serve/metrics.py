@@ -42,9 +42,8 @@ class Metrics:
         self.requests: dict[str, int] = {}  # finished requests by finish reason or error code
         self.connections = 0
         self.slow_closes = 0  # connections closed for not reading their frames
-        self.gc_pause = Histogram("aengine_gc_full_collection_seconds",
-                                  "Full (generation 2) garbage collections: each pauses the loop.",
-                                  (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.gc_pause = Histogram("aengine_gc_full_collection_seconds", "Full (generation 2) garbage collections: "
+                                  "each pauses the loop.", (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self._gc_t0 = 0.0
         gc.callbacks.append(self._on_gc)  # a latency tail that lines up with these is GC's (run_server: gc.freeze)
 
@@ -83,8 +82,7 @@ class Metrics:
         out = [x for name, help, v in rows
                for x in family("counter" if name.endswith("_total") else "gauge", name, help, f"{name} {v}")]
         # what the KV pool stores and how much: a label on an info gauge, as Prometheus does for versions
-        r = getattr(engine, "runner", None)
-        if r is not None and hasattr(r, "kv_cache_dtype"):
+        if hasattr(r := getattr(engine, "runner", None), "kv_cache_dtype"):
             out += family("gauge", "aengine_kv_cache_info", "The KV cache's storage dtype (fp8_e4m3, bfloat16, "
                           "float32, ...).", f'aengine_kv_cache_info{{dtype="{r.kv_cache_dtype}"}} 1')
             out += family("gauge", "aengine_kv_cache_capacity_tokens", "KV pool capacity in tokens (pages times page "
@@ -100,13 +98,10 @@ def debug_state(engine: "AsyncEngine", sessions: int) -> dict[str, object]:
     """GET /debug/state (--debug-state): counts and the engine's integrity check, for tests outside the process."""
     st = engine.stats()
     counts = "running waiting requests pages_total pages_free pages_used pages_cached pages_evicted".split()
-    return {**{k: getattr(st, k) for k in counts}, "sessions": sessions,
-            "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": _rss(), "problems": engine.check()}
-
-
-def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux
-        return 0
+        rss = 0
+    return {**{k: getattr(st, k) for k in counts}, "sessions": sessions,
+            "asyncio_tasks": len(asyncio.all_tasks()), "rss_bytes": rss, "problems": engine.check()}

@@ -165,10 +165,8 @@ class OpenAI:
             params = self._params(r, len(ids))
             await eng.grammars.prepare(params)  # a response_format's grammar compiles off the loop
             eng.submit(job.rid, ids, params, job.q.put_nowait)
-        except EngineError as e:
-            raise ApiError(400, str(e), e.code) from None
-        except ValueError as e:  # a max_tokens over the server's limit, a tokenizer without a chat template
-            raise ApiError(400, str(e), "invalid_request") from None
+        except (EngineError, ValueError) as e:  # ValueError: a max_tokens over the server's limit, no chat template
+            raise ApiError(400, str(e), e.code if isinstance(e, EngineError) else "invalid_request") from None
         finally:
             srv.tokenizing -= 1
         self.live += 1
@@ -200,9 +198,8 @@ class OpenAI:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the body is over {self.server.cfg.max_frame_bytes} bytes", "too_large") from None
-            run = self._responses if kind is ResponsesRequest else self._completions
             async with self._submit(r := _decode(body, kind)) as job:  # the request in the engine while it runs
-                return await run(request, r, job)
+                return await (self._responses if kind is ResponsesRequest else self._completions)(request, r, job)
         except ApiError as e:
             return web.json_response({"error": e.body()}, status=e.status)
         except ConnectionError:  # the client went away mid-stream: _submit aborts the request

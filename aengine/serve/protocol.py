@@ -1,8 +1,7 @@
 """Wire types of WebSocket protocol v1 (docs/protocol.md is the contract). JSON text frames,
 typed with msgspec so that a frame is validated while it is parsed, in one pass."""
 
-import typing
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_type_hints
 
 import msgspec
 
@@ -26,7 +25,7 @@ _WIRE = {"top_k": (Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)], 0), "max_t
 
 def wire_fields() -> list[tuple]:
     """(name, type, default) of every sampling field, for msgspec.defstruct."""
-    hints = typing.get_type_hints(SamplingParams)
+    hints = get_type_hints(SamplingParams)
     return [(f, *_WIRE.get(f, (hints[f], SamplingParams.__dataclass_fields__[f].default))) for f in SAMPLING_FIELDS]
 
 
@@ -68,12 +67,9 @@ class Timing(msgspec.Struct):
     total_ms: float
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
 class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
     id: str
-    finish_reason: FinishReason
+    finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     timing: Timing
     text: str | None = None  # the whole text, only when the request had stream=false
@@ -81,12 +77,9 @@ class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
     logprobs: list[TokenLogprob] | None = None  # all of them, only with stream=false
 
 
-ErrorCode = Literal["invalid_request", "context_length_exceeded", "overloaded", "unauthorized", "internal"]
-
-
 class Error(msgspec.Struct, tag="error", tag_field="type"):
     id: str | None
-    code: ErrorCode
+    code: Literal["invalid_request", "context_length_exceeded", "overloaded", "unauthorized", "internal"]
     message: str
 
 

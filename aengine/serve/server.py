@@ -38,8 +38,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.sockets: set[web.WebSocketResponse] = set()  # every open WebSocket, both protocols
         self.draining = self.failed = False
-        self.tokenizing = 0  # requests between their generate frame and the scheduler's queue
-        self.tokenizing_bytes = 0  # their generate frames' bytes
+        self.tokenizing = self.tokenizing_bytes = 0  # requests being tokenized, their frames' bytes (session.Host)
         # niced (per thread on Linux): with more tokenizer threads than cores the loop still gets a core at once
         self.tok_pool = ThreadPoolExecutor(4, thread_name_prefix="aengine-tok", initializer=os.nice, initargs=(10,))
         self._numbers = itertools.count()
@@ -123,7 +122,6 @@ class Server:
 
     async def run(self) -> int:
         """Serve until SIGINT/SIGTERM (or an engine fault); returns the process exit status."""
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
         def on_signal() -> None:
@@ -132,7 +130,7 @@ class Server:
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            asyncio.get_running_loop().add_signal_handler(sig, on_signal)
         await self.engine.start()
         app = web.Application(client_max_size=self.cfg.max_frame_bytes)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)

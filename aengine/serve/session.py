@@ -13,20 +13,9 @@ from aiohttp.web import WebSocketResponse
 
 from aengine.config import ServerConfig
 from aengine.engine import AsyncEngine
+from aengine.serve import protocol
 from aengine.serve.metrics import Metrics
-from aengine.serve.protocol import (
-    Cancel,
-    Delta,
-    Done,
-    Error,
-    Generate,
-    ProtocolError,
-    ServerMessage,
-    Timing,
-    Usage,
-    decode,
-    encode,
-)
+from aengine.serve.protocol import Cancel, Delta, Done, Error, Generate, ProtocolError, ServerMessage, Timing, Usage
 from aengine.tokenizer import StopMatcher
 from aengine.types import MAX_STOPS, SAMPLING_FIELDS, EngineError, RequestDelta, SamplingParams
 
@@ -80,16 +69,14 @@ class Session:
         # one writer task per connection, woken once per loop turn (docs/architecture.md, "Frames out")
         self.outbox: list[bytes] = []
         self.queued = 0  # bytes in outbox
-        self.wake = asyncio.Event()
-        self.closed = False
+        self.wake, self.closed = asyncio.Event(), False
         self.tokenizing_bytes = 0  # this connection's share of server.tokenizing_bytes
         self.writer = asyncio.create_task(self._write_loop())
 
-    # ---- sending ---------------------------------------------------------------------------
     def send(self, msg: ServerMessage) -> None:
         if self.closed:
             return
-        frame = encode(msg)
+        frame = protocol.encode(msg)
         self.outbox.append(frame)
         self.queued += len(frame)
         self.wake.set()
@@ -130,10 +117,9 @@ class Session:
         while (self.outbox or self.wake.is_set()) and not self.writer.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    # ---- receiving -------------------------------------------------------------------------
     def on_frame(self, frame: str | bytes) -> None:
         try:
-            msg = decode(frame)
+            msg = protocol.decode(frame)
         except ProtocolError as e:
             self.error(e.id, "invalid_request", str(e))
             return
@@ -152,11 +138,9 @@ class Session:
                 self.server.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes:
             self.error(msg.id, "overloaded", "too many prompt bytes are waiting to be tokenized; retry later")
         else:
-            st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n)
-            self.live[msg.id] = st
+            self.live[msg.id] = st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n)
             self._hold(len(frame))  # not yet in the scheduler's queue, but it will be
-            task = asyncio.create_task(self._start(st, msg))
-            self.tasks.add(task)
+            self.tasks.add(task := asyncio.create_task(self._start(st, msg)))
             # a done callback, not a finally: a task cancelled before it starts never runs its body
             task.add_done_callback(lambda t, n=len(frame): (self.tasks.discard(t), self._hold(-n)))
 
@@ -169,8 +153,7 @@ class Session:
             self.server.tok_pool.submit(_TRIM, 0)  # a big prompt left and the tokenizer is idle
 
     def cancel(self, id: str) -> None:
-        st = self.live.get(id)
-        if st is None:
+        if (st := self.live.get(id)) is None:
             self.error(id, "invalid_request", f"no live request with id {id!r}")
         elif st.submitted:
             self.engine.abort(st.rid)  # its done frame comes from the scheduler's emit
@@ -190,12 +173,9 @@ class Session:
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
                 return
             self.engine.submit(st.rid, ids, params, lambda d: self._emit(st, d))
-            st.submitted = True
-            st.t_submit = time.monotonic()
-        except EngineError as e:
-            self._fail(st, e.code, str(e))
-        except ValueError as e:  # e.g. a tokenizer without a chat template
-            self._fail(st, "invalid_request", str(e))
+            st.submitted, st.t_submit = True, time.monotonic()
+        except (EngineError, ValueError) as e:  # ValueError: e.g. a tokenizer without a chat template
+            self._fail(st, e.code if isinstance(e, EngineError) else "invalid_request", str(e))
         except asyncio.CancelledError:  # the connection closed: its queued tokenization is dropped
             self.live.pop(st.id, None)
         except Exception as e:

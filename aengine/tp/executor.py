@@ -14,7 +14,10 @@ from aengine.tp.rank import Rank, RankDied, end_groups
 log = logging.getLogger("aengine")
 
 
-def stop_procs(procs: list[Any], timeout: float = 10.0) -> None:
+def stop_procs(procs: list[Any], kill: bool = False, timeout: float = 10.0) -> None:
+    """Join the rank processes (killed first with kill), killing those still alive after timeout."""
+    for p in procs if kill else ():
+        p.kill()
     for p in procs:
         p.join(timeout)
     for p in procs:
@@ -61,11 +64,10 @@ class TPExecutor(Executor):
     async def result(self, p: Pending) -> list[int]:
         try:
             return await self._result(p)
-        except RankDied:
+        except Exception as e:  # a RankDied, or the step raised: a collective saw a dead peer (gloo), or rank 0 failed
             self.faulted = True
-            raise
-        except Exception as e:  # the step raised: a collective saw a dead peer (gloo), or rank 0 itself failed
-            self.faulted = True
+            if isinstance(e, RankDied):
+                raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RankDied(self.error or f"the tensor-parallel step failed (rank 0 or a peer): {first}") from e
 
@@ -95,10 +97,7 @@ class TPExecutor(Executor):
             except Exception as e:  # a rank died between the last step and now
                 log.warning("TP shutdown: %s", str(e).splitlines()[0] if str(e) else e)
                 faulted = True
-        if faulted:
-            for p in self.procs:
-                p.kill()
-        stop_procs(self.procs)
+        stop_procs(self.procs, kill=faulted)
         try:
             end_groups(self.runner, sync=not faulted)
         except Exception as e:

@@ -56,13 +56,11 @@ def _spawn(cfg: EngineConfig, hf_config: Any, path: Path) -> tuple[int, str, lis
             init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     use_loopback(init_method)  # before spawning: children inherit the environment
     ctx = mp.get_context("spawn")  # fork is unsafe with CUDA and with the loop's threads
-    procs = []
-    for lr in range(1, local):
-        rank = cfg.node_rank * local + lr
-        p = ctx.Process(target=rank_main, args=(cfg, hf_config, path, rank, lr, init_method),
-                        name=f"aengine-tp{rank}", daemon=True)
+    first = cfg.node_rank * local  # this node's first rank, local rank 0: this process
+    procs = [ctx.Process(target=rank_main, args=(cfg, hf_config, path, first + lr, lr, init_method),
+                         name=f"aengine-tp{first + lr}", daemon=True) for lr in range(1, local)]
+    for p in procs:
         p.start()
-        procs.append(p)
     return local, init_method, procs
 
 
@@ -74,9 +72,7 @@ def start_tp(cfg: EngineConfig, hf_config: Any, path: Path) -> TPExecutor:
     try:
         rank = Rank(cfg, hf_config, path, 0, 0, init_method, procs)
     except BaseException:
-        for p in procs:
-            p.kill()
-        stop_procs(procs)
+        stop_procs(procs, kill=True)
         set_tp(0, 1, None)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -88,13 +84,11 @@ def run_worker_node(cfg: EngineConfig) -> int:
     """Nodes 1..nnodes-1: run this node's ranks until node 0 shuts down; returns an exit code."""
     hf_config = load_hf_config(path := resolve_model(cfg.model))
     local, init_method, procs = _spawn(cfg, hf_config, path)
-    code = 0
     try:
         Rank(cfg, hf_config, path, cfg.node_rank * local, 0, init_method).loop()
     except Exception as e:
         log.error("TP rank %d: %s", cfg.node_rank * local, str(e).splitlines()[0] if str(e) else e)
-        code = 1
-        for p in procs:
-            p.kill()
+        stop_procs(procs, kill=True)
+        return 1
     stop_procs(procs)
-    return 1 if code or any(p.exitcode for p in procs) else 0
+    return 1 if any(p.exitcode for p in procs) else 0

@@ -21,8 +21,7 @@ from aengine.runtime.step import StepInput
 
 log = logging.getLogger("aengine")
 
-# A collective that waits this long means a rank hangs; a dead rank is noticed at once (gloo
-# raises on the closed connection, and rank 0 watches its children).
+# A collective this slow means a rank hangs; a dead rank is noticed at once (gloo raises, rank 0 watches its children)
 TP_TIMEOUT = timedelta(minutes=10)
 # The metadata group waits for the next step, so an idle server must not time it out.
 IDLE_TIMEOUT = timedelta(days=365)
@@ -34,10 +33,8 @@ class RankDied(StepFault):
 
 
 def use_loopback(init_method: str) -> None:
-    # gloo picks its interface from the host name, which in containers often resolves to an
-    # address that is not reachable; on one machine loopback always is.
-    host = init_method.removeprefix("tcp://").rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost", "[::1]"):
+    # gloo picks its interface by the host name, often unreachable in containers; on one machine loopback always works
+    if init_method.removeprefix("tcp://").rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
@@ -58,7 +55,6 @@ class Rank:
         # metadata on its own gloo group: NCCL carries only tensors, and the wait may be long
         self.meta = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         set_tp(rank, cfg.tp, None)
-        self.rank = rank
         self.runner = ModelRunner(cfg, hf_config, path, agree=self._fewest_pages)
 
     def _fewest_pages(self, n: int) -> int:

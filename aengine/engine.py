@@ -186,4 +186,4 @@ class AsyncEngine:
     def clear_cache(self) -> None:
         """Drop what the prefix cache holds that no running request uses."""
         if self.scheduler is not None:
-            self.scheduler.kv.clear_cache()
+            self.scheduler.clear_cache()

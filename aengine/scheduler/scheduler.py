@@ -79,6 +79,9 @@ class Scheduler:
             problems.append(f"idle, but {self.cfg.max_running_requests - len(self.free_slots)} slots are taken")
         return problems
 
+    def clear_cache(self) -> None:
+        self.kv.clear_cache()
+
     async def run(self) -> None:
         inflight: tuple[StepInput, list[Req], Pending] | None = None
         ahead: tuple[StepInput, list[Req]] | None = None  # the next step, built while masks were filled

@@ -85,22 +85,13 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, fb: ForwardBatch) -> None:
         super().prepare(fb)
-        # one prompt with nothing cached (an idle server's request, its time to first token) attends over its own
-        # K/V with flashinfer's single-request prefill, which needs no plan: 1.8 ms less host time before the first
-        # kernel of W2's 1,024-token step
-        self.single = (not fb.decode and not self.pool.fp8 and len(fb.seq_lens_cpu) == 1
-                       and fb.seq_lens_cpu == fb.extend_lens_cpu)
         if fb.decode and self.split:
             self.splits = num_splits(fb.batch_size, self.kv_heads)
-        elif not (fb.decode and self.xqa or self.single):
+        elif not (fb.decode and self.xqa):
             self._plan(self.decode_w if fb.decode else self.prefill_w, fb)
 
     def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
         kv = (self.pool.k[layer], self.pool.v[layer])
-        if self.single:
-            k, v = (x.view(-1, self.kv_heads, self.head_dim)[self.fb.out_loc] for x in kv)
-            o = self.fi.single_prefill_with_kv_cache(q, k, v, causal=True)
-            return o if out is None else out.copy_(o)
         if self.fb.decode and self.split:
             return split_decode(q.contiguous(), *kv, self.page_table, self.fb.slots, self.fb.seq_lens,
                                         self.splits, out=out)
@@ -125,7 +116,6 @@ class FlashInferBackend(AttentionBackend):
         if self.split or self.xqa:  # nothing to plan: the captured step reads the page table itself
             return self.prepare(fb)
         super().prepare(fb)
-        self.single = False
         bs = fb.batch_size
         if bs not in self.graph_w:
             self.graph_w[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(

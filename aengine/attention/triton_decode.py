@@ -1,8 +1,8 @@
 """Paged decode attention in Triton, for a model-dtype pool: one program per (sequence, KV head, stretch of the
 context) streams 64-token tiles of K and V with the next tile's page ids in flight, its query heads packed into
-one tensor-core tile. Small batches split each context into stretches, merged after. 0.90x flashinfer's decode
-kernel's time on W1's steps, which holds 8 tokens per program in flight (RESULTS.md). No plan: it reads the page
-table."""
+one tensor-core tile. Each context is split into stretches (about 4,096 programs in all), merged after. 0.9x
+flashinfer's decode kernel's time on W1's steps, which holds 8 tokens per program in flight (RESULTS.md). No plan:
+it reads the page table."""
 
 import torch
 import triton
@@ -64,9 +64,9 @@ def _merge(Part, Lse, Out, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
     tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
 
 
-def num_splits(batch: int, kv_heads: int, target: int = 512, most: int = 16) -> int:
-    """Stretches per sequence. One from 512 programs up: split programs and their merge cost more than a part-full
-    last wave saves (attn_bench.py --triton, RESULTS.md); below that, enough to keep the GPU busy."""
+def num_splits(batch: int, kv_heads: int, target: int = 4096, most: int = 16) -> int:
+    """Stretches per sequence, for about `target` programs: W1 ran 3 % faster with 4,096 than with 512 (one
+    stretch from batch 64 up, which microbenchmarks of equal lengths favour; RESULTS.md)."""
     return max(1, min(most, -(-target // (batch * kv_heads))))
 
 

@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _split(Q, K, V, Table, Slots, Seq, Part, Lse, scale, table_stride, splits,
+def _attention_part(Q, K, V, Table, Slots, Seq, Part, Lse, scale, table_stride, splits,
            PS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -53,7 +53,7 @@ def _split(Q, K, V, Table, Slots, Seq, Part, Lse, scale, table_stride, splits,
 
 
 @triton.jit
-def _merge(Part, Lse, Out, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _attention_merge(Part, Lse, Out, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)  # sequence * query heads + head
     s, d = tl.arange(0, BLOCK_S), tl.arange(0, D)
     lse = tl.load(Lse + row * splits + s, mask=s < splits, other=float("-inf"))
@@ -83,10 +83,10 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tenso
     if splits > 1:
         part = torch.empty(b, heads, splits, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
-    _split[(b, kv_heads, splits)](
+    _attention_part[(b, kv_heads, splits)](
         q, k, v, table, slots, seq_lens, part, lse, dim**-0.5 * 1.4426950408889634, table.stride(0), splits,
         PS=ps, KV_HEADS=kv_heads, GROUP=group, D=dim, BLOCK_H=triton.next_power_of_2(max(16, group)),
         BLOCK_N=block_n, DIRECT=splits == 1, num_warps=warps, num_stages=stages)
     if splits > 1:
-        _merge[(b * heads,)](part, lse, out, splits, D=dim, BLOCK_S=triton.next_power_of_2(splits))
+        _attention_merge[(b * heads,)](part, lse, out, splits, D=dim, BLOCK_S=triton.next_power_of_2(splits))
     return out

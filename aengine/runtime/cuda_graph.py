@@ -102,7 +102,6 @@ class CudaGraphs:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
                     out = model(fb.input_ids, fb.positions)
-            g.replay()  # the first launch of a graph uploads it (ms); here, not in the first step of this batch size
             self.graphs[n] = g, out
         self.sizes = sizes
         log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
@@ -128,8 +127,6 @@ class CudaGraphs:
                         out = self.model(fb.input_ids, fb.positions)
                     finally:
                         split.end(None)
-            for graph, _ in split.pieces:  # uploaded now (as above); their K/V writes go to the scratch page 0
-                graph.replay()
             self.pieces[n] = split.pieces, out
         self.psizes = sizes
         log.info("captured prefill CUDA graphs for %d step sizes up to %d tokens, %d pieces each, in %.1f s",

@@ -11,8 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def _attention_part(Q, K, V, Table, Slots, Seq, Part, Lse, scale, table_stride, splits,
-           PS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                    PS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_ctx, slot = tl.load(Seq + b), tl.load(Slots + b).to(tl.int64)
     per = tl.cdiv(tl.cdiv(n_ctx, splits), BLOCK_N) * BLOCK_N

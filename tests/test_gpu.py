@@ -88,7 +88,7 @@ class Bench:
 def test_backend_matches_torch(name: str, case: str) -> None:
     for ps in PAGES[name]:
         b = Bench(ps)
-        if case == "fresh_prompt":  # one prompt, nothing cached: fi's single-request prefill, without a plan
+        if case == "fresh_prompt":  # one prompt, nothing cached
             starts, ext = [0], [300]
         elif case == "decode":  # one new token over contexts of assorted lengths, one per page edge
             starts, ext = [0, 15, 16 * 7, 999], [1, 1, 1, 1]

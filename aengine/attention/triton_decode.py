@@ -1,8 +1,7 @@
 """Paged decode attention in Triton, for a model-dtype pool: one program per (sequence, KV head, stretch of the
-context) streams 64-token tiles of K and V with the next tile's page ids in flight, its query heads packed into
-one tensor-core tile. Each context is split into stretches (about 4,096 programs in all), merged after. 0.9x
-flashinfer's decode kernel's time on W1's steps, which holds 8 tokens per program in flight (RESULTS.md). No plan:
-it reads the page table."""
+context) streams 64-token tiles of K and V, its query heads packed into one tensor-core tile. Each context is
+split into stretches (about 4,096 programs in all), merged after. 0.92x the time of flashinfer's decode kernel,
+which holds 8 tokens per program in flight, in W1's decode steps (RESULTS.md). No plan: it reads the page table."""
 
 import torch
 import triton
@@ -30,9 +29,9 @@ def _attention_part(Q, K, V, Table, Slots, Seq, Part, Lse, scale, table_stride, 
         t = n + tl.arange(0, BLOCK_N)
         ok = t < hi
         at = ((page * PS + t % PS) * KV_HEADS + h)[:, None] * D + d[None, :]
-        k = tl.load(K + at, mask=ok[:, None], other=0.0)  # K and V in flight together,
-        v = tl.load(V + at, mask=ok[:, None], other=0.0)
-        t_next = t + BLOCK_N  # and the next tile's page ids: a dependent load that would otherwise stall each tile
+        k = tl.load(K + at, mask=ok[:, None], other=0.0)  # K, V and the next tile's page ids in flight together
+        v = tl.load(V + at, mask=ok[:, None], other=0.0)  # (as fast as loading the ids at the top: RESULTS.md)
+        t_next = t + BLOCK_N
         page = tl.load(Table + slot * table_stride + t_next // PS, mask=t_next < hi, other=0).to(tl.int64)
         x = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # scale folds in log2(e)
         m_new = tl.maximum(m, tl.max(x, 1))

@@ -8,8 +8,10 @@
 #             (MINISGL_DISABLE_OVERLAP_SCHEDULING=1); after `peer`, which installs it
 #   w1        aengine W1, overlap on and off (benchmarks/offline.py)
 #   w1-base[:FLAGS]  W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
+#   w1-at:DIR[:FLAGS]  the same for the tree in ./DIR (A/B/C runs in one call)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
-#   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang
+#   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang (profile:FLAGS: aengine only,
+#             FLAGS added, commas for spaces: profile:--window,130,8)
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
 #   attn      benchmarks/attn_bench.py: decode variants on W1's decode shape (attn:--triton: the engine's Triton kernel against flashinfer)
 #   attn-fp8, profile-fp8   the same over an FP8 KV pool
@@ -79,8 +81,10 @@ for s in $stages; do
       grep '^Total: ' "$LOGS/peer-nooverlap.log" | tee -a "$LOGS/run.log" ;;
     w1) bench "w1 overlap" --workload w1 --model $Q06
         bench "w1 no-overlap" --workload w1 --model $Q06 --disable-overlap ;;
-    w1-base|w1-base:*) extra=${s#w1-base}; extra=${extra#:}; extra=${extra//,/ }
-      run "w1 of .base $extra" bench.log env COMMIT="base" python3 .base/benchmarks/offline.py --load-format dummy \
+    w1-base|w1-base:*|w1-at:*) tree=.base extra=${s#w1-base}
+      if [[ $s == w1-at:* ]]; then rest=${s#w1-at:}; tree=${rest%%:*}; extra=${rest#"$tree"}; fi
+      extra=${extra#:}; extra=${extra//,/ }
+      run "w1 of $tree $extra" bench.log env COMMIT="$tree" python3 $tree/benchmarks/offline.py --load-format dummy \
         --tokenizer .tok --no-progress --json "$LOGS/figures.jsonl" --workload w1 --model $Q06 $extra ;;
     w2) bench "w2" --workload w2 --model $L8 --repeats 3
         if [ -d .peer ]; then
@@ -89,9 +93,10 @@ for s in $stages; do
           run "w2 peer" peer-w2.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/peers/mini_sglang.py \
             --workload w2 --model /tmp/l8 --json "$LOGS/figures.jsonl"
         fi ;;
-    profile) run "profile aengine" profile.log python3 benchmarks/step_profile.py --model $Q06 --load-format dummy \
-        --tokenizer .tok --host-window 300,50 --json "$LOGS/profile.jsonl"
-      if [ -d .peer ] && [ -d /tmp/q06 ]; then
+    profile|profile:*) extra=${s#profile}; extra=${extra#:}; extra=${extra//,/ }
+      run "profile aengine $extra" profile.log python3 benchmarks/step_profile.py --model $Q06 --load-format dummy \
+        --tokenizer .tok --host-window 300,50 --json "$LOGS/profile.jsonl" $extra
+      if [ -z "$extra" ] && [ -d .peer ] && [ -d /tmp/q06 ]; then
         peer_env
         run "profile mini-sglang" profile.log env PYTHONPATH=$PEERPATH:$PYTHONPATH python3 benchmarks/step_profile.py \
           --engine minisgl --model /tmp/q06 --quarter --json "$LOGS/profile.jsonl"

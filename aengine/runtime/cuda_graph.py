@@ -104,6 +104,12 @@ class CudaGraphs:
                     out = model(fb.input_ids, fb.positions)
             self.graphs[n] = g, out
         self.sizes = sizes
+        # the LM head runs eagerly on each step's rows; cuBLAS picks its kernel by row count and loads each one
+        # lazily on first use, stalling that step (W1's slow decode steps at batch ~8k: RESULTS.md): load them now
+        h = self.graphs[sizes[-1]][1]
+        for m in range(1, sizes[-1] + 1):
+            model.logits(h[:m])
+        torch.cuda.synchronize()
         log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
                  time.perf_counter() - t0)
 

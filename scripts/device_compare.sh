@@ -19,6 +19,8 @@
 #   startup   engine start-up time, with the engine's own breakdown (INFO log)
 #   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
+#   w4-prefill-profile  the same on W1's model over lone 562-token prompts: the prefill step between two decode
+#             steps behind W4's inter-token tail at 32 req/s
 #   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
@@ -129,6 +131,9 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
     ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
         --window 1,2 --host-prefill ;;
+    w4-prefill-profile) run "w4 prefill profile" w4-prefill-profile.log python3 benchmarks/step_profile.py --model $Q06 \
+        --load-format dummy --tokenizer .tok --num-prompts 8 --input-len 562,562 --output-len 4,4 \
+        --max-prefill-tokens 562 --window 1,2 --host-prefill ;;
     w4|w4:*|w4-base|w4-base:*) tree=. lab=W4; [[ $s == w4-base* ]] && tree=.base lab="W4 base"
       extra=${s#w4}; extra=${extra#-base}; extra=${extra#:}; extra=${extra//,/ }
       run "w4 of $tree ${extra:-default}" w4.log python3 $tree/benchmarks/load.py --workload random --num-prompts 256 \

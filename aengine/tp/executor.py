@@ -63,28 +63,25 @@ class TPExecutor(Executor):
 
     async def result(self, p: Pending) -> list[int]:
         try:
-            return await self._result(p)
+            if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):
+                return await super().result(p)  # done already: skip the race below
+            with self._lock:
+                if self._dead is None:
+                    self._dead = asyncio.get_running_loop().create_future()
+                    if self.error is not None:
+                        self._dead.set_result(None)
+            task = asyncio.ensure_future(super().result(p))
+            await asyncio.wait([task, self._dead], return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            raise RankDied(self.error)
         except Exception as e:  # a RankDied, or the step raised: a collective saw a dead peer (gloo), or rank 0 failed
             self.faulted = True
             if isinstance(e, RankDied):
                 raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RankDied(self.error or f"the tensor-parallel step failed (rank 0 or a peer): {first}") from e
-
-    async def _result(self, p: Pending) -> list[int]:
-        if (p.fut is not None and p.fut.done()) or (p.event is not None and p.event.query()):
-            return await super().result(p)  # done already: skip the race below
-        with self._lock:
-            if self._dead is None:
-                self._dead = asyncio.get_running_loop().create_future()
-                if self.error is not None:
-                    self._dead.set_result(None)
-        task = asyncio.ensure_future(super().result(p))
-        await asyncio.wait([task, self._dead], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        raise RankDied(self.error)
 
     def shutdown(self) -> None:
         """Ends every rank: a shutdown message when they are healthy, a kill when one failed."""

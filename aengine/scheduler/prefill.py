@@ -27,7 +27,13 @@ class PrefillPlanner(Planner):
                 continue
             if not self._fits(req, reserve) and (self.running or chosen):
                 break  # wait for a slot or for memory rather than thrash (alone, a prompt goes in anyway)
-            self._admit(req)
+            # admit it: a slot (one is free, as checked above) and its cached prefix
+            self.kv.attach_prefix(req)
+            if not req.output_ids:
+                req.cached_tokens = req.kv_len
+            self.stats.cache_hit_tokens += req.kv_len
+            req.slot = self.free_slots.pop()
+            self.running.append(req)
             del self.waiting[i]
             if req.tree_len < PREFIX_KEY:
                 pending.add(req.prefix_key)
@@ -46,12 +52,3 @@ class PrefillPlanner(Planner):
         """A slot is free and req's uncached pages fit beside `reserve`, the next decode step's pages."""
         need = -(-(len(req.fill_ids) - self.kv.cached_len(req)) // self.kv.ps)
         return bool(self.free_slots) and need + reserve <= self.kv.available()
-
-    def _admit(self, req: Req) -> None:
-        """Give a waiting request a slot (plan() checked that one is free) and its cached prefix."""
-        self.kv.attach_prefix(req)
-        if not req.output_ids:
-            req.cached_tokens = req.kv_len
-        self.stats.cache_hit_tokens += req.kv_len
-        req.slot = self.free_slots.pop()
-        self.running.append(req)

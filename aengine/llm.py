@@ -65,8 +65,7 @@ class LLM:
         try:
             await asyncio.gather(*(self.engine.grammars.prepare(p) for p in params))
             for ids, p in zip(prompt_ids, params):
-                rid = f"llm-{next(self._ids)}"
-                self.engine.submit(rid, ids, p, emit)
+                self.engine.submit(rid := f"llm-{next(self._ids)}", ids, p, emit)
                 rids.append(rid)
             if rids:
                 waiter = asyncio.ensure_future(done.wait())

@@ -166,7 +166,8 @@ class Session:
             self.engine.check_size(g.prompt, msgs, g.input_ids)  # a hopeless prompt never waits for a thread
             # off the loop, on several threads; closing the connection cancels this (docs/reliability.md)
             ids = await asyncio.get_running_loop().run_in_executor(self.server.tok_pool, self._encode, g, msgs)
-            params = self._params(g, len(ids))
+            params = SamplingParams(**{**{k: getattr(g, k) for k in SAMPLING_FIELDS},
+                                       "max_tokens": capped_max_tokens(self.server, g.max_tokens, len(ids))})
             await self.engine.grammars.prepare(params)  # compiles off the loop (cached by its text)
             if st.cancelled or self.closed:
                 self.live.pop(st.id, None)
@@ -185,10 +186,6 @@ class Session:
     def _encode(self, g: Generate, msgs: list[dict] | None) -> list[int]:  # on a tokenizer thread
         StopMatcher(([g.stop] if isinstance(g.stop, str) else g.stop or [])[:MAX_STOPS])  # tables cached, off the loop
         return self.engine.encode(g.prompt, msgs, g.input_ids)
-
-    def _params(self, g: Generate, n_prompt: int) -> SamplingParams:
-        return SamplingParams(**{**{k: getattr(g, k) for k in SAMPLING_FIELDS},
-                                 "max_tokens": capped_max_tokens(self.server, g.max_tokens, n_prompt)})
 
     def _fail(self, st: Stream, code: str, message: str) -> None:
         self.live.pop(st.id, None)

@@ -50,8 +50,7 @@ RANGES = {"port": (0, 65535), "gpu_memory_utilization": (0.01, 1.0), **dict.from
 
 def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     for name, (lo, hi) in RANGES.items():
-        v = getattr(ns, name)
-        if v < lo or (hi is not None and v > hi):
+        if (v := getattr(ns, name)) < lo or (hi is not None and v > hi):
             p.error(f"argument --{name.replace('_', '-')}: {v} is outside [{lo}, {'∞' if hi is None else hi}]")
     parts = ns.attn.split(",")
     if ns.attn != "auto" and (len(parts) > 2 or not set(parts) <= {"torch", "fi", "fa"}):

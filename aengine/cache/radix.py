@@ -56,8 +56,7 @@ class RadixCache:
         while i < limit:
             if (child := node.children.get(tuple(tokens[i : i + self.ps]))) is None:
                 break
-            n = self._common(child.key, tokens, i)
-            if n < len(child.key):
+            if (n := self._common(child.key, tokens, i)) < len(child.key):
                 if not touch:
                     return node, pages, i + n
                 child = self._split(child, n)

@@ -29,8 +29,7 @@ class DecodePlanner(Planner):
                 return []  # drain the in-flight batch first, then preempt
             reqs = list(reqs)
             while len(full) > self.kv.available() and len(self.running) > 1:
-                victim = self.running[-1]
-                if victim in reqs:
+                if (victim := self.running[-1]) in reqs:
                     reqs.remove(victim)
                     full = [r for r in full if r is not victim]
                 self.retract(victim)

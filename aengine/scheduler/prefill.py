@@ -37,8 +37,7 @@ class PrefillPlanner(Planner):
             del self.waiting[i]
             if req.tree_len < PREFIX_KEY:
                 pending.add(req.prefix_key)
-            n = self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)
-            if n == 0:
+            if (n := self.kv.grow(req, min(budget, len(req.fill_ids) - req.kv_len), reserve)) == 0:
                 break
             chosen.append((req, n))
             budget -= n

@@ -57,8 +57,7 @@ class Scheduler:
         self._wake.set()
 
     def abort(self, rid: str) -> None:
-        req = self.by_id.get(rid)
-        if req is not None:  # with n > 1: all its copies
+        if (req := self.by_id.get(rid)) is not None:  # with n > 1: all its copies
             self.aborted += [r for r in req.group or [req] if r.finish_reason is None]
             self._wake.set()
 
@@ -145,13 +144,11 @@ class Scheduler:
             budget = min(budget, self.cfg.max_prefill_tokens_decoding)
         if want_prefill and decodable and self.cfg.enable_mixed_chunk and len(decodable) < budget:
             ready = self.decode.with_pages(decodable)
-            chosen = self.prefill.plan(ready, budget) if ready else None
-            if chosen is not None:
+            if ready and (chosen := self.prefill.plan(ready, budget)) is not None:
                 self.last_was_prefill = False  # the running requests advanced too
                 return self._build(chosen, decode=False, n_decoding=len(ready))
         if want_prefill and (not self.last_was_prefill or not decodable or burst and self.prefill.can_admit()):
-            chosen = self.prefill.plan([], budget)
-            if chosen is not None:
+            if (chosen := self.prefill.plan([], budget)) is not None:
                 self.last_was_prefill = True
                 return self._build(chosen, decode=False)
         self.last_was_prefill = False

@@ -322,8 +322,7 @@ class OpenAI:
                 try:
                     if msg.type is not WSMsgType.TEXT:
                         raise ApiError(400, "send JSON text frames", "invalid_request")
-                    c = _decode(msg.data, WsCreate | WsCancel)
-                    if isinstance(c, WsCancel):
+                    if isinstance(c := _decode(msg.data, WsCreate | WsCancel), WsCancel):
                         for rid, (lane, job) in running.items():
                             if rid == c.response_id or (c.response_id is None and lane == c.stream_id):
                                 self.engine.abort(job.rid)

@@ -32,9 +32,8 @@ class KVManager:
         """Give an admitted request its cached prefix, locked while it runs."""
         if self.tree is not None:
             # keep at least one token to compute: its logits give the first output
-            pages, node = self.tree.match(req.fill_ids[:-1])
-            self.tree.lock(node)
-            req.node, req.pages = node, list(pages)
+            req.pages, req.node = self.tree.match(req.fill_ids[:-1])  # pages: a new list, req's own
+            self.tree.lock(req.node)
         req.kv_len = req.tree_len = len(req.pages) * self.ps
         req.synced_pages = 0
 

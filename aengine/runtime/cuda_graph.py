@@ -104,12 +104,6 @@ class CudaGraphs:
                     out = model(fb.input_ids, fb.positions)
             self.graphs[n] = g, out
         self.sizes = sizes
-        # the LM head runs eagerly on each step's rows; cuBLAS picks its kernel by row count, and each kernel's
-        # first use stalled its step by ~8 ms (W1's 18 slow decode steps; RESULTS.md): use every one now
-        h = self.graphs[sizes[-1]][1]
-        for m in range(1, sizes[-1] + 1):
-            model.logits(h[:m])
-        torch.cuda.synchronize()
         log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
                  time.perf_counter() - t0)
 

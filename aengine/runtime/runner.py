@@ -91,6 +91,17 @@ class ModelRunner:
         self.graphs = CudaGraphs(self.model, self.decode_backend, min(cfg.cuda_graph_max_bs, self.max_slots - 1),
                                  self.prefill_backend, cfg.piecewise_cuda_graph_max_tokens) \
             if self.device.type == "cuda" and cfg.cuda_graph_max_bs > 0 else None
+        if self.device.type == "cuda":
+            self._warm_lm_head()
+
+    @torch.inference_mode()
+    def _warm_lm_head(self) -> None:
+        """The LM head runs eagerly on each step's sampled rows; cuBLAS picks its kernel by row count, and each
+        kernel's first use stalled its step by ~8 ms (W1's 18 slow decode steps; RESULTS.md): use every one now."""
+        h = torch.zeros(self.max_slots - 1, self.hf.hidden_size, dtype=self.dtype, device=self.device)
+        for m in range(1, len(h) + 1):
+            self.model.logits(h[:m])
+        torch.cuda.synchronize()
 
     def _auto_pages(self, kv_heads: int, head_dim: int) -> int:
         """Pages from a byte budget on CUDA (FP8 fits twice the tokens of bf16), from --kv-cache-tokens on CPU."""

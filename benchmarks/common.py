@@ -33,8 +33,8 @@ def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int],
 
 
 def pair(s: str) -> tuple[int, int]:
-    """'lo,hi' (or one number) for a length range flag."""
-    lo, _, hi = s.partition(",")
+    """'lo,hi' or 'lo:hi' (or one number) for a length range flag; ':' survives device_compare.sh's commas."""
+    lo, _, hi = s.replace(":", ",").partition(",")
     return int(lo), int(hi or lo)
 
 

@@ -28,14 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
 from aengine import LLM, SamplingParams  # noqa: E402
-
-
-def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int]) -> tuple[list, list]:
-    random.seed(0)  # all prompts first, then all max_tokens, as docs/benchmarks.md defines W1
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(*input_len))] for _ in range(n)]
-    max_tokens = [random.randint(*output_len) for _ in range(n)]
-    return prompts, max_tokens
-
+from benchmarks.common import pair, w1_requests  # noqa: E402
 
 # --constrained-frac: that share of W1's requests get this schema. At least 200 items, of 10-30
 # tokens each, so the grammar stays open (masks of a live matcher) up to every request's max_tokens
@@ -107,11 +100,6 @@ def run_w6(llm: LLM, args: argparse.Namespace) -> dict:
     decode_s = dt - max(o.ttft_ms for o in outs) / 1e3
     return {"output_tokens": n_out, "seconds": dt, "tok_per_s": n_out / dt, "batch": len(prompts),
             "decode_tok_per_s": sum(len(o.token_ids) - 1 for o in outs) / decode_s}
-
-
-def pair(s: str) -> tuple[int, int]:
-    lo, _, hi = s.partition(",")
-    return int(lo), int(hi or lo)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,7 +11,7 @@
 #   w1-at:DIR[:FLAGS]  the same for the tree in ./DIR (A/B/C runs in one call)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang (profile:FLAGS: aengine only,
-#             FLAGS added, commas for spaces: profile:--window,130,8)
+#             FLAGS added, commas for spaces: profile:--window,130:8)
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
 #   attn      benchmarks/attn_bench.py: decode variants on W1's decode shape (attn:--triton: the engine's Triton kernel against flashinfer)
 #   attn-fp8, profile-fp8   the same over an FP8 KV pool

@@ -31,7 +31,7 @@ def finite(x: object) -> bool:
 
 
 def test_w1_recipe_matches_offline() -> None:
-    """load.py and peers/hf.py draw W1 from benchmarks.common; offline.py has its own copy."""
+    """load.py, peers/hf.py and offline.py draw W1 from benchmarks.common (offline.py once had its own copy)."""
     from benchmarks import offline
     from benchmarks.common import w1_requests
 

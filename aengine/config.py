@@ -29,7 +29,7 @@ class EngineConfig:
     enable_mixed_chunk: H[bool, "decode running requests inside prefill steps"] = False
     attn: H[str, "attention: auto, torch, fi (flashinfer), fa (flash-attn), or prefill,decode such as fa,fi"] = "auto"
     cuda_graph_max_bs: H[int, "largest decode batch captured as a CUDA graph (0: no CUDA graphs)"] = 256
-    piecewise_cuda_graph_max_tokens: H[int, "largest prefill step replayed as CUDA graphs between eager attentions "
+    piecewise_cuda_graph_max_tokens: H[int, "largest prefill step replayed as a CUDA graph "
                                             "(0: prefill runs eagerly)"] = 2048
     tp: H[int, "tensor-parallel degree (GPUs per model replica)"] = 1
     nnodes: H[int, "number of nodes for multi-node tensor parallelism"] = 1

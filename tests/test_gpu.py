@@ -268,20 +268,31 @@ def test_engine_logits_match_torch_backend(name: str, graphs: int, qwen3_dir: st
     assert not bad, f"steps over 2e-2 (step, error, logits shape): {bad}; all: {errs}"
 
 
+@pytest.mark.parametrize("small", [4, 1])
 @pytest.mark.parametrize("name", FAST)
-def test_prefill_graphs_match_eager(name: str, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Piecewise prefill graphs (steps padded to a bucket, attention eager between the pieces) against eager
-    prefill, every step compared (chunked prompts, prefixes from the radix cache, decode after)."""
+def test_prefill_graphs_match_eager(name: str, small: int, qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill graphs (steps padded to a token bucket and to a fixed number of sequences, attention planned into
+    fixed buffers) against eager prefill, every step compared (chunked prompts, prefixes from the radix cache,
+    several prompts in one step, decode after)."""
     from aengine.runtime.cuda_graph import CudaGraphs
 
-    replays, orig = [], CudaGraphs.prefill
-    monkeypatch.setattr(CudaGraphs, "prefill", lambda self, fb: replays.append(len(fb.input_ids)) or orig(self, fb))
+    replays, orig = [], CudaGraphs.run
+
+    def run(self: CudaGraphs, fb: object) -> torch.Tensor:
+        if not fb.decode:
+            replays.append((len(fb.input_ids), fb.batch_size))
+        return orig(self, fb)
+
+    monkeypatch.setattr(CudaGraphs, "run", run)
+    if small == 1:  # steps of several prompts then take the graphs padded to --cuda-graph-max-bs sequences
+        monkeypatch.setattr(CudaGraphs, "_levels", lambda self, d, n: [n] if d else sorted({1, min(n, self.max_bs)}))
     ps, ids = PAGES[name][-1], []
     ref, _ = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, piecewise_cuda_graph_max_tokens=0,
                            sampled=ids)
     assert not replays
     got, _ = engine_logits(qwen3_dir, monkeypatch, attn=name, page_size=ps, force=ids)
-    assert len(replays) >= 4 and any(n % 16 for n in replays), replays  # padded steps among them
+    assert len(replays) >= 4 and any(n % 16 for n, _ in replays), replays  # padded steps among them
+    assert any(b > 1 for _, b in replays), replays  # and steps of several sequences
     errs = [rel(a, b) for a, b in zip(got, ref)]
     print(f"{name}: {len(ref)} steps, prefill steps replayed {replays}, errors {errs}")
     assert len(ref) == len(got) and max(errs) <= 1e-2, errs

@@ -53,5 +53,5 @@ class FlashAttnBackend(AttentionBackend):
         super().prepare(fb)
         bs = fb.batch_size
         self.g_pt[:bs] = self.page_table[fb.slots.long()]
-        # the captured launch must serve every later step: bound lengths by the page-table row
-        self.pt, self.max_q, self.max_k = self.g_pt[:bs], 1, None
+        # the captured launch must serve every later step: bound lengths by the page-table row and the step's rows
+        self.pt, self.max_q, self.max_k = self.g_pt[:bs], 1 if fb.decode else len(fb.input_ids), None

@@ -36,7 +36,7 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", backend="fa2" if pool.fp8 else "auto")
         self.decode_w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores)
-        self.graph_w: dict[int, object] = {}
+        self.graph_w: dict[tuple[bool, int, int], object] = {}
         self.wrapper: object = self.decode_w
         self.planned: torch.cuda.Event | None = None
         hopper = torch.cuda.get_device_capability(self.device)[0] == 9
@@ -76,8 +76,10 @@ class FlashInferBackend(AttentionBackend):
             wrapper.plan(kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
                          self.pool.page_size, **dt)
         else:  # 512+ new tokens fill the GPU unsplit, and a split's merge kernel took as long as attention (RESULTS.md)
+            # and a captured step never splits: whether fa2 splits depends on lengths, and a graph holds one launch
             wrapper.plan(qo, kv_indptr, indices, last, self.num_heads, self.kv_heads, self.head_dim,
-                         self.pool.page_size, causal=True, disable_split_kv=int(qo[-1]) >= 512, **dt)
+                         self.pool.page_size, causal=True,
+                         disable_split_kv=int(qo[-1]) >= 512 or wrapper.is_cuda_graph_enabled, **dt)
         self.planned = torch.cuda.Event()
         self.planned.record()
         self.wrapper = wrapper
@@ -105,22 +107,20 @@ class FlashInferBackend(AttentionBackend):
         return self.wrapper.run(q.contiguous(), kv, out=out, **scales)  # without out: a fresh torch.zeros
 
     def init_graph(self, max_bs: int) -> None:
-        if self.split or self.xqa:  # their captured steps plan nothing: no fixed plan buffers
-            return
         i32 = dict(dtype=torch.int32, device=self.device)
-        self.g_indptr = torch.zeros(max_bs + 1, **i32)
-        self.g_last = torch.zeros(max_bs, **i32)
+        self.g_qo, self.g_indptr, self.g_last = (torch.zeros(max_bs + 1, **i32) for _ in range(3))
         # shared pages (radix cache) may appear in several rows: bound by full rows, not the pool
         self.g_indices = torch.zeros(max_bs * self.page_table.shape[1], **i32)
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
-        if self.split or self.xqa:  # nothing to plan: the captured step reads the page table itself
+        if fb.decode and (self.split or self.xqa):  # nothing to plan: the captured step reads the page table itself
             return self.prepare(fb)
         super().prepare(fb)
-        bs = fb.batch_size
-        if bs not in self.graph_w:
-            self.graph_w[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
-                paged_kv_indptr_buffer=self.g_indptr[: bs + 1], paged_kv_indices_buffer=self.g_indices,
-                paged_kv_last_page_len_buffer=self.g_last[:bs])
-        self._plan(self.graph_w[bs], fb)
+        bs, key = fb.batch_size, (fb.decode, len(fb.input_ids), fb.batch_size)
+        if key not in self.graph_w:  # one wrapper per graph: its plan must repeat the captured launch's shape
+            buf = self.g_indptr[: bs + 1], self.g_indices, self.g_last[:bs]
+            self.graph_w[key] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", True, self.tensor_cores, *buf) if fb.decode else \
+                self.fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", True, self.g_qo[: bs + 1], *buf,
+                                                            backend="fa2" if self.pool.fp8 else "auto")
+        self._plan(self.graph_w[key], fb)

@@ -1,7 +1,6 @@
-"""CUDA graphs. Decode: one per batch-size bucket over static buffers, padded rows writing to scratch page 0
-(docs/gpu.md); the ids come from the runner's last_tok on the device, so overlap scheduling keeps working.
-Prefill: piecewise, one graph per stretch between two attentions per token-count bucket; attention (whose
-plan depends on every sequence's length) runs eagerly between the replays."""
+"""CUDA graphs over static buffers, padded rows writing to scratch page 0 (docs/gpu.md). Decode: one per batch-size
+bucket; the ids come from the runner's last_tok on the device, so overlap scheduling keeps working. Prefill: one per
+token-count bucket, at a fixed number of sequences (empty ones pad it), attention planned into fixed buffers."""
 
 import bisect
 import logging
@@ -25,39 +24,12 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return [n for n in (16, 32, 64, 128, 256, *range(512, max_tokens + 1, 256)) if n <= max_tokens]
 
 
-class _Split(AttentionBackend):
-    """The backend while a prefill step is captured: each attention copies q to a static buffer, ends the graph
-    being captured, begins the next and returns the static buffer that the eager attention fills at replay."""
-
-    def __init__(self, inner: AttentionBackend, fb: ForwardBatch, q: torch.Tensor, o: torch.Tensor) -> None:
-        super().__init__(inner.pool, inner.page_table, inner.num_heads)
-        self.fused_store, self.fb, self.q, self.o = inner.fused_store, fb, q, o
-        self.pieces: list[tuple[torch.cuda.CUDAGraph, int | None]] = []
-        self.graph: torch.cuda.CUDAGraph | None = None  # None: a warm-up pass, nothing captured
-
-    def begin(self, mempool: object) -> None:
-        self.mempool, self.graph = mempool, torch.cuda.CUDAGraph()
-        self.graph.capture_begin(pool=mempool)
-
-    def end(self, layer: int | None) -> None:
-        self.graph.capture_end()
-        self.pieces.append((self.graph, layer))
-
-    def attend(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.q[: len(q)].copy_(q)
-        if self.graph is not None:  # capturing: this piece ends at layer's attention, the next begins
-            self.end(layer)
-            self.begin(self.mempool)
-        return self.o[: len(q)]
-
-
 class CudaGraphs:
     def __init__(self, model: nn.Module, backend: AttentionBackend, max_bs: int,
                  prefill_backend: AttentionBackend | None = None, max_tokens: int = 0) -> None:
-        self.model, self.backend = model, backend
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode by batch size: graph, output
+        self.model, self.backend, self.max_bs = model, backend, max_bs
+        self.graphs: dict[tuple[bool, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (decode, rows, seqs)
         self.sizes: list[int] = []
-        self.pieces: dict[int, tuple[list, torch.Tensor]] = {}  # prefill by token bucket: (graph, layer)s, output
         self.psizes: list[int] = []
         if not self.backend.supports_graph:
             log.info("CUDA graphs off: the %s decode backend cannot be captured", type(self.backend).__name__)
@@ -67,110 +39,90 @@ class CudaGraphs:
         rows = max([max_bs, *(psizes := prefill_buckets(max_tokens))])  # ids, positions, locs: decode's and prefill's
         self.ids, self.slots, self.seq = torch.zeros(rows, **i32), torch.zeros(max_bs, **i32), torch.ones(max_bs, **i32)
         self.pos, self.loc = torch.zeros(rows, **i64), torch.zeros(rows, **i64)
-        self.qo, self.sidx = torch.arange(max_bs + 1, **i32), torch.arange(max_bs, **i64)
-        self.backend.init_graph(max_bs)
+        # decode's query offsets never change; a prefill step's are copied into pqo
+        self.qo, self.pqo, self.sidx = torch.arange(max_bs + 1, **i32), torch.zeros(max_bs + 1, **i32), \
+            torch.arange(max_bs, **i64)
         self.mempool = torch.cuda.graph_pool_handle()
+        self.backend.init_graph(max_bs)
         try:
-            self._capture(buckets(max_bs))
+            self._capture(self.backend, True, buckets(max_bs))
         except Exception:  # a backend that cannot be captured must not take the engine down
             log.exception("CUDA graph capture failed; decode runs eagerly")
             self.graphs.clear()
-        # the torch backend stores K/V itself: it stays the eager reference
-        if prefill_backend is not None and prefill_backend.fused_store and psizes:
-            self.prefill_backend = prefill_backend
+        self.prefill_backend = prefill_backend or backend
+        if psizes and self.graphs and self.prefill_backend.supports_graph:
+            if self.prefill_backend is not self.backend:
+                self.prefill_backend.init_graph(max_bs)
             try:
-                self._capture_prefill(psizes)
+                self._capture(self.prefill_backend, False, psizes)
             except Exception:
                 log.exception("prefill CUDA graph capture failed; prefill runs eagerly")
-                self.pieces.clear()
+                self.psizes = []
 
-    def _fb(self, n: int, seq_lens: list[int]) -> ForwardBatch:
-        return ForwardBatch(True, self.ids[:n], self.pos[:n], self.loc[:n], self.slots[:n], self.seq[:n],
-                            self.qo[: n + 1], self.sidx[:n], seq_lens, [1] * n)
+    def _fb(self, decode: bool, n: int, seq_lens: list[int], ext: list[int]) -> ForwardBatch:
+        """n rows over len(seq_lens) sequences, in the static buffers."""
+        b = len(seq_lens)
+        return ForwardBatch(decode, self.ids[:n], self.pos[:n], self.loc[:n], self.slots[:b], self.seq[:b],
+                            (self.qo if decode else self.pqo)[: b + 1], self.sidx[:b], seq_lens, ext)
+
+    def _levels(self, decode: bool, n: int) -> list[int]:
+        """Sequences in the graphs of n rows: one per row in decode. Prefill: up to 4 or up to max_bs, the last ones
+        empty (flashinfer's plan walks every sequence in Python: ~1 ms at 256, so the common case gets a small one)."""
+        return [n] if decode else sorted({min(n, 4), min(n, self.max_bs)})
 
     @torch.inference_mode()
-    def _capture(self, sizes: list[int]) -> None:
+    def _capture(self, backend: AttentionBackend, decode: bool, sizes: list[int]) -> None:
         model, pool, t0 = self.model, self.mempool, time.perf_counter()
         # largest first: the smaller graphs then fit in the memory pool the largest left behind
-        for n in reversed(sizes):
-            fb = self._fb(n, [1] * n)
-            self.backend.prepare_graph(fb)
-            with forward_context(self.backend):
-                if n == sizes[-1] or n < 16:  # warm-up outside the graph (lazy inits; Triton's variants by n % 16)
+        for i, (n, b) in enumerate([(m, b) for m in reversed(sizes) for b in reversed(self._levels(decode, m))]):
+            # captured with every row in the first sequence, each over one page (the page table may be narrow)
+            fb = self._fb(decode, n, [1] * b, [1] * b if decode else [n - b + 1] + [1] * (b - 1))
+            if not decode:
+                self.pqo[: b + 1] = torch.tensor([0, *range(n - b + 1, n + 1)])
+            backend.prepare_graph(fb)
+            with forward_context(backend):
+                if i == 0 or (decode and n < 16):  # warm-up outside the graph (lazy inits; Triton's variants)
                     model(fb.input_ids, fb.positions)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
                     out = model(fb.input_ids, fb.positions)
-            self.graphs[n] = g, out
-        self.sizes = sizes
-        log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s", len(sizes), sizes[-1],
-                 time.perf_counter() - t0)
-
-    @torch.inference_mode()
-    def _capture_prefill(self, sizes: list[int]) -> None:
-        t0, attn, w = time.perf_counter(), self.model.layers[0].self_attn, self.model.embed_tokens.weight
-        # one q and one attention output buffer serve every layer: layer i's are read before i+1 writes them
-        self.q, self.o = (w.new_zeros(sizes[-1], attn.n_local, attn.head_dim) for _ in "qo")
-        stream = torch.cuda.Stream(w.device)  # graphs cannot be captured on the default stream
-        for n in reversed(sizes):
-            fb = ForwardBatch(False, self.ids[:n], self.pos[:n], self.loc[:n], self.slots[:1], self.seq[:1],
-                              self.qo[:2], self.sidx[:1], [n], [n])
-            split = _Split(self.prefill_backend, fb, self.q, self.o)
-            with forward_context(split):
-                if n == sizes[-1]:  # warm-up outside the graphs
-                    self.model(fb.input_ids, fb.positions)
-                torch.cuda.synchronize()
-                with torch.cuda.stream(stream):
-                    split.begin(self.mempool)
-                    try:  # a failed capture must still end, or every later launch fails
-                        out = self.model(fb.input_ids, fb.positions)
-                    finally:
-                        split.end(None)
-            self.pieces[n] = split.pieces, out
-        self.psizes = sizes
-        log.info("captured prefill CUDA graphs for %d step sizes up to %d tokens, %d pieces each, in %.1f s",
-                 len(sizes), sizes[-1], len(self.pieces[sizes[-1]][0]), time.perf_counter() - t0)
-
-    def prefill(self, fb: ForwardBatch) -> torch.Tensor:
-        """The final hidden states of a prefill (or mixed) step: the pieces replayed, attention eager between them."""
-        t = len(fb.input_ids)
-        n = self.psizes[bisect.bisect_left(self.psizes, t)]
-        for buf, src in zip((self.ids, self.pos, self.loc), (fb.input_ids, fb.positions, fb.out_loc)):
-            buf[:t].copy_(src)
-        self.loc[t:n].zero_()  # padded rows write to scratch page 0; their stale ids and positions are valid
-        self.prefill_backend.prepare(fb)
-        pieces, out = self.pieces[n]
-        for graph, layer in pieces:
-            graph.replay()
-            if layer is not None:
-                self.prefill_backend.attend(self.q[:t], layer, out=self.o[:t])
-        return out[:t]
+            self.graphs[decode, n, b] = g, out
+        if decode:
+            self.sizes = sizes
+        else:
+            self.psizes = sizes
+        log.info("captured %d CUDA graphs for %s up to %d in %.1f s", sum(len(self._levels(decode, n)) for n in sizes),
+                 "decode batches" if decode else "prefill steps of tokens", sizes[-1], time.perf_counter() - t0)
 
     def release(self) -> None:
         """Free the graphs: NCCL's teardown blocks while graphs that captured its collectives live (pytorch#115388)."""
-        for g in [*(g for g, _ in self.graphs.values()), *(g for p, _ in self.pieces.values() for g, _ in p)]:
+        for g, _ in self.graphs.values():
             g.reset()
-        self.graphs, self.pieces, self.sizes, self.psizes = {}, {}, [], []
+        self.graphs, self.sizes, self.psizes = {}, [], []
 
     def can_run(self, fb: ForwardBatch) -> bool:
         sizes, n = (self.sizes, fb.batch_size) if fb.decode else (self.psizes, len(fb.input_ids))
-        return bool(sizes) and n <= sizes[-1]
+        return bool(sizes) and n <= sizes[-1] and fb.batch_size <= self.max_bs
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
         """The final hidden states of fb's rows."""
-        if not fb.decode:
-            return self.prefill(fb)
-        b = fb.batch_size
-        n = self.sizes[bisect.bisect_left(self.sizes, b)]
+        d, t, b = fb.decode, len(fb.input_ids), fb.batch_size
+        n = (sizes := self.sizes if d else self.psizes)[bisect.bisect_left(sizes, t)]
+        rows = next(r for r in self._levels(d, n) if r >= b)
         for buf, src in zip((self.ids, self.pos, self.loc, self.slots, self.seq),
                             (fb.input_ids, fb.positions, fb.out_loc, fb.slots, fb.seq_lens)):
-            buf[:b].copy_(src)
-        if n > b:  # stale rows of an earlier, larger step must not write into live pages
-            for buf in (self.ids, self.pos, self.loc, self.slots):
-                buf[b:n].zero_()
-            self.seq[b:n].fill_(1)
-        self.backend.prepare_graph(self._fb(n, list(fb.seq_lens_cpu) + [1] * (n - b)))
-        graph, out = self.graphs[n]
+            buf[: len(src)].copy_(src)
+        # stale rows of an earlier, larger step must not write into live pages; padding sequences read page 0
+        for buf in (self.ids, self.pos, self.loc):
+            buf[t:n].zero_()
+        self.slots[b:rows].zero_()
+        self.seq[b:rows].fill_(1)
+        if not d:  # padding sequences are empty: their query rows start and end at t
+            self.pqo[: b + 1].copy_(fb.qo_indptr)
+            self.pqo[b + 1 : rows + 1].fill_(t)
+        pad, backend = rows - b, self.backend if d else self.prefill_backend
+        backend.prepare_graph(self._fb(d, n, [*fb.seq_lens_cpu] + [1] * pad, [*fb.extend_lens_cpu] + [int(d)] * pad))
+        graph, out = self.graphs[d, n, rows]
         graph.replay()
-        return out[:b]
+        return out[:t]

@@ -54,7 +54,7 @@ class AsyncEngine:
             self.executor = executor if executor is not None else start_tp(cfg, self.hf_config, self.path) \
                 if cfg.tp > 1 or cfg.nnodes > 1 else Executor(ModelRunner(cfg, self.hf_config, self.path))
             self.tokenizer, t_tok = tok.result()
-        self.grammars = Grammars(self.tokenizer.hf, self.hf_config.vocab_size, min(self.tokenizer.eos_ids))
+        self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, min(self.tokenizer.eos_ids))
         self.runner: ModelRunner = self.executor.runner
         self.max_model_len = self.runner.max_model_len
         log.info("engine ready in %.1f s (the tokenizer, loaded meanwhile, took %.1f s)",

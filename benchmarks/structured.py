@@ -97,7 +97,7 @@ def main() -> None:
     path = resolve_model(None) if args.tokenizer is None else Path(args.tokenizer)
     tok = Tokenizer(path)
     vocab = args.vocab or load_hf_config(path).vocab_size
-    g = Grammars(tok.hf, vocab, min(tok.eos_ids), threads=args.threads)
+    g = Grammars(tok, vocab, min(tok.eos_ids), threads=args.threads)
     docs = w1_docs() if args.w1 else DOCS
     torch.set_num_threads(1)
     t = time.perf_counter()

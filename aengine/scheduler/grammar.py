@@ -14,14 +14,15 @@ import llguidance
 import torch
 
 from aengine.scheduler.request import Req
+from aengine.tokenizer import Tokenizer
 from aengine.types import InvalidRequest, SamplingParams
 
 MAX_CHARS, TIMEOUT_S, CACHED = 1 << 16, 10.0, 256
 
 
 class Grammars:
-    def __init__(self, hf_tokenizer: object, vocab: int, eos: int, threads: int = 0) -> None:
-        self.hf, self.vocab, self.eos = hf_tokenizer, max(vocab, len(hf_tokenizer)), eos  # dummy models: less
+    def __init__(self, tokenizer: Tokenizer, vocab: int, eos: int, threads: int = 0) -> None:
+        self.tokenizer, self.vocab, self.eos = tokenizer, max(vocab, len(tokenizer)), eos  # dummy models: less
         # llguidance's default is 80 % of the CPUs it sees (up to 32), which may be the host's, not
         # this process's: more threads than cores starve the loop thread, which launches every step
         self.threads = threads or max(1, min(16, len(os.sched_getaffinity(0)) - 4))
@@ -36,7 +37,7 @@ class Grammars:
             raise InvalidRequest(f"the {kind} is longer than {MAX_CHARS} characters")
         # imported here: llguidance.hf imports transformers' generation modules (seconds of start-up)
         self.tok = self.tok or importlib.import_module("llguidance.hf").from_tokenizer(
-            self.hf, n_vocab=self.vocab, eos_token=self.eos)
+            self.tokenizer.hf, n_vocab=self.vocab, eos_token=self.eos)
         try:  # compact JSON: a small model allowed free whitespace may emit nothing else
             g = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False}) \
                 if kind == "json_schema" else llguidance.grammar_from("ebnf" if kind == "grammar" else kind, text)

@@ -180,7 +180,7 @@ class OpenAI:
                 self.server.metrics.finished(d.finish_reason or "error")
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[dict]:
-        one = lambda t, lp: {"token": (s := self.engine.tokenizer.hf.decode([t])), "logprob": lp,
+        one = lambda t, lp: {"token": (s := self.engine.tokenizer.decode([t])), "logprob": lp,
                              "bytes": list(s.encode())}
         return [{**one(x.token_id, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]
 

@@ -105,3 +105,20 @@ def test_engine_start_does_not_import_transformers() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     n, imported = out.stdout.split()[-2:]
     assert int(n) > 0 and imported == "False", out.stdout
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": True}, {"add_bos_token": True, "add_eos_token": True},
+                                   {"add_bos_token": False, "add_eos_token": True}])
+def test_raw_prompt_special_tokens_match_transformers(flags: dict, tmp_path: Path) -> None:
+    """Raw prompts get what tokenizer.json's post-processor adds, as with transformers' PreTrainedTokenizerFast (the
+    class the engine used): add_bos_token / add_eos_token in the config change neither."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = build(tmp_path, TEMPLATE, "jinja")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, **flags}))
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    tok = Tokenizer(path)
+    for text in ("abc", ""):
+        assert tok.encode(text) == hf.encode(text), (flags, text)
+    assert tok.apply_chat_template(CHATS[0]) == hf_ids(path, CHATS[0])

@@ -67,7 +67,7 @@ class CudaGraphs:
 
     def _levels(self, decode: bool, n: int) -> list[int]:
         """Sequences in the graphs of n rows: one per row in decode. Prefill: up to 4 or up to max_bs, the last ones
-        empty (flashinfer's plan walks every sequence in Python: ~1 ms at 256, so the common case gets a small one)."""
+        empty (flashinfer's plan walks every sequence in Python: +3.5 ms at 256; most steps fit the small one)."""
         return [n] if decode else sorted({min(n, 4), min(n, self.max_bs)})
 
     @torch.inference_mode()

@@ -140,6 +140,19 @@ def test_startup() -> None:
     assert all(map(finite, r["full_gc_ms"] + r["full_gc_frozen_ms"]))
 
 
+def test_arrivals() -> None:
+    """W4's tail in-process: every token of every request arrives, the steps are counted by kind, and the gaps
+    over twice the median say what ran inside them."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import w1_requests
+
+    (r,) = run("benchmarks/arrivals.py", "--model", str(TINY), "--load-format", "dummy", "--num-prompts", "12",
+               "--input-len", "8,64", "--output-len", "4,24", "--request-rate", "40", "--json")
+    assert r["output_tokens"] == sum(w1_requests(12, (8, 64), (4, 24), 0)[1])
+    assert r["steps"]["prefill"] >= 1 and r["steps"]["decode"] >= 1 and finite(r["itl_ms"]["p99"])
+    assert r["over_2x_p50"]["gaps"] >= 0 and r["top_1pct"]["gaps"] >= 1
+
+
 @pytest.mark.parametrize("script", [["benchmarks/attn_bench.py", "--prefill"], ["benchmarks/gemm_bench.py"]])
 def test_gpu_only_benchmarks_refuse_without_cuda(script: list[str]) -> None:
     """The kernel microbenchmarks need CUDA: without it they parse their flags and say so, exit 2."""

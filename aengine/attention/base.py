@@ -36,7 +36,7 @@ class ForwardBatch:
 class AttentionBackend:
     """Writes each layer's new K/V into the paged pool and attends over the cached context."""
 
-    supports_graph = False  # decode can be captured in a CUDA graph (see runtime/cuda_graph.py)
+    supports_graph = False  # steps can be captured in CUDA graphs (see runtime/cuda_graph.py)
     # the model may write K/V into the pool itself, fused with norm and rotary (layers/qkv_store.py),
     # and call attend(); the torch backend stays unfused: the reference the fused path is tested against
     fused_store = False
@@ -58,11 +58,11 @@ class AttentionBackend:
         raise NotImplementedError
 
     def init_graph(self, max_bs: int) -> None:
-        """Allocate the fixed buffers that captured decode graphs read their metadata from."""
+        """Allocate the fixed buffers that captured graphs (decode and prefill) read their metadata from."""
         raise NotImplementedError
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
-        """Plan a padded decode batch at fixed addresses, before capture and each replay: captured kernels read it."""
+        """Plan a padded step at fixed addresses, before capture and each replay: captured kernels read it."""
         raise NotImplementedError
 
 

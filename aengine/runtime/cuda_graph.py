@@ -113,15 +113,16 @@ class CudaGraphs:
         for buf, src in zip((self.ids, self.pos, self.loc, self.slots, self.seq),
                             (fb.input_ids, fb.positions, fb.out_loc, fb.slots, fb.seq_lens)):
             buf[: len(src)].copy_(src)
-        # stale rows of an earlier, larger step must not write into live pages; padding sequences read page 0
-        for buf in (self.ids, self.pos, self.loc):
-            buf[t:n].zero_()
-        self.slots[b:rows].zero_()
-        self.seq[b:rows].fill_(1)
+        if n > t:  # stale rows of an earlier, larger step must not write into live pages
+            for buf in (self.ids, self.pos, self.loc):
+                buf[t:n].zero_()
+        if pad := rows - b:  # padding sequences read page 0
+            self.slots[b:rows].zero_()
+            self.seq[b:rows].fill_(1)
         if not d:  # padding sequences are empty: their query rows start and end at t
             self.pqo[: b + 1].copy_(fb.qo_indptr)
             self.pqo[b + 1 : rows + 1].fill_(t)
-        pad, backend = rows - b, self.backend if d else self.prefill_backend
+        backend = self.backend if d else self.prefill_backend
         backend.prepare_graph(self._fb(d, n, [*fb.seq_lens_cpu] + [1] * pad, [*fb.extend_lens_cpu] + [int(d)] * pad))
         graph, out = self.graphs[d, n, rows]
         graph.replay()

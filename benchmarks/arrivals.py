@@ -1,8 +1,10 @@
 """W4's inter-token tail without the WebSocket, and what sits inside it: W1-like requests (load.py's `random`
 workload: the same prompts, max_tokens, Poisson send times and temperature) arrive in-process at the scheduler
 coroutine the server runs; every step is recorded (executor.launch wrapped, as step_profile.py does) and every
-token's time at the emit callback. Prints ITL p50/p90/p99 and, for the gaps over 2x the median and for the top 1 %,
-the steps launched inside them by kind and their prompt tokens.
+token's time at the emit callback, with the step whose results carried it. Prints ITL p50/p90/p99 and, for the gaps
+over 2x the median and for the top 1 %, the steps each token waited for (those after the step that carried the token
+before it, up to the one that carried it: with overlap, the first of them was launched before that token was out) by
+kind, their prompt tokens, and how many of those gaps held a prefill.
 
   python benchmarks/arrivals.py --model benchmarks/configs/qwen3-0.6b --load-format dummy --tokenizer .tok \\
       --request-rate 32
@@ -28,33 +30,31 @@ from benchmarks.common import emit_json, machine, pair, percentiles, w1_requests
 from benchmarks.load import arrivals  # noqa: E402
 
 
-def steps_inside(steps: list[tuple[float, str, int]], lo: float, hi: float) -> list[tuple[float, str, int]]:
-    """Steps launched in (lo, hi]: what a token waited for between its predecessor's emission and its own."""
-    return [s for s in steps if lo < s[0] <= hi]
-
-
-def describe(gaps: list[tuple[float, float, float]], steps: list[tuple[float, str, int]]) -> dict[str, Any]:
-    """For gaps (ms, lo, hi): the mean count of steps of each kind inside them and their prompt tokens."""
+def describe(gaps: list[tuple[float, int, int]], steps: list[tuple[float, str, int]]) -> dict[str, Any]:
+    """For gaps (ms, k, j) between tokens carried by steps k and j: the mean count of steps of each kind among
+    k+1..j, their prompt tokens, and the share of gaps that held a step with prompt tokens."""
     kinds: Counter[str] = Counter()
     tokens = []
-    for _, lo, hi in gaps:
-        inside = steps_inside(steps, lo, hi)
-        kinds.update(k for _, k, _ in inside)
-        tokens.append(sum(n for _, k, n in inside if k != "decode"))
+    for _, k, j in gaps:
+        inside = steps[k + 1 : j + 1]
+        kinds.update(kind for _, kind, _ in inside)
+        tokens.append(sum(n for _, kind, n in inside if kind != "decode"))
     n = max(1, len(gaps))
     return {"gaps": len(gaps), "steps_per_gap": {k: round(v / n, 2) for k, v in sorted(kinds.items())},
+            "with_prefill": round(sum(t > 0 for t in tokens) / n, 3),
             "prompt_tokens_inside": percentiles(tokens, (50, 90, 99)) if tokens else {}}
 
 
-async def run(engine: Any, jobs: list[tuple[list[int], Any]], at: list[float]) -> dict[str, list[float]]:
-    """Submit each job at its send time; the emission time of every token, by request."""
-    times: dict[str, list[float]] = {}
+async def run(engine: Any, jobs: list[tuple[list[int], Any]], at: list[float],
+              processed: list[float]) -> dict[str, list[tuple[float, int]]]:
+    """Submit each job at its send time; every token's emission time and carrying step (index into processed, the
+    steps whose results are in, in launch order), by request."""
+    times: dict[str, list[tuple[float, int]]] = {}
     done, left = asyncio.Event(), [len(jobs)]
 
     def emitter(rid: str) -> Any:
         def emit(d: Any) -> None:
-            now = time.perf_counter()
-            times[rid].extend([now] * len(d.token_ids))
+            times[rid].extend([(time.perf_counter(), len(processed) - 1)] * len(d.token_ids))
             if d.finish_reason is not None:
                 left[0] -= 1
                 if not left[0]:
@@ -102,17 +102,27 @@ def main(argv: list[str] | None = None) -> int:
         steps.append((time.perf_counter(), kind, 0 if inp.decode else sum(inp.extend_lens) - inp.decoding))
         return orig(inp, *more)
 
-    ex.launch = launch  # an instance attribute shadows the method: the scheduler calls self.ex.launch(inp)
+    processed: list[float] = []
+    result = ex.result
+
+    async def counted(pending: Any) -> Any:
+        ids = await result(pending)
+        processed.append(time.perf_counter())
+        return ids
+
+    # instance attributes shadow the methods: the scheduler calls self.ex.launch(inp), self.ex.result(pending)
+    ex.launch, ex.result = launch, counted
     prompts, max_tokens = w1_requests(args.num_prompts, args.input_len, args.output_len, args.seed)
     vocab = engine.hf_config.vocab_size
     jobs = [([t % vocab for t in p], SamplingParams(max_tokens=m, temperature=args.temperature, ignore_eos=True))
             for p, m in zip(prompts, max_tokens)]
     try:
-        times = loop.run_until_complete(run(engine, jobs, arrivals(len(jobs), args.request_rate, args.seed)))
+        times = loop.run_until_complete(run(engine, jobs, arrivals(len(jobs), args.request_rate, args.seed),
+                                                   processed))
     finally:
         loop.run_until_complete(engine.shutdown())
         loop.close()
-    gaps = sorted(((b - a) * 1e3, a, b) for ts in times.values() for a, b in zip(ts, ts[1:]))
+    gaps = sorted(((b - a) * 1e3, k, j) for ts in times.values() for (a, k), (b, j) in zip(ts, ts[1:]))
     itl = [g for g, _, _ in gaps]
     p = percentiles(itl, (50, 90, 99))
     over = [g for g in gaps if g[0] > 2 * p["p50"]]
@@ -128,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("over_2x_p50", "top_1pct"):
         d = res[name]
         tok = "/".join(f"{d['prompt_tokens_inside'].get(k, 0):.0f}" for k in ("p50", "p90", "p99"))
-        print(f"  gaps {name}: {d['gaps']}; steps inside each, mean: {d['steps_per_gap']}; their prompt tokens "
-              f"p50/p90/p99: {tok}")
+        print(f"  gaps {name}: {d['gaps']}, {d['with_prefill']:.0%} with prompt tokens; steps waited for, mean: "
+              f"{d['steps_per_gap']}; their prompt tokens p50/p90/p99: {tok}")
     emit_json(res, args.json)
     return 0
 

@@ -80,6 +80,19 @@ def aggregate(prof: Any) -> Agg:
     return agg
 
 
+def busy_span(prof: Any) -> tuple[float, float]:
+    """µs from the first device activity's start to the last one's end, and µs in which some ran (their union):
+    the rest is the time between kernels (launch latency in a graph, and any idle wait for the host)."""
+    from torch.autograd import DeviceType
+
+    iv = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type != DeviceType.CPU)
+    busy, end = 0.0, float("-inf")
+    for a, b in iv:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return (iv[-1][1] - iv[0][0] if iv else 0.0), busy
+
+
 def minus(a: Agg, b: Agg) -> Agg:
     z = [0.0, 0, Counter()]
     return {c: [max(0.0, v[0] - b.get(c, z)[0]), max(0, v[1] - b.get(c, z)[1]), v[2] - b.get(c, z)[2]]
@@ -327,6 +340,11 @@ def run_aengine(args: argparse.Namespace, prompts: list[list[int]], max_tokens: 
            f"{wjs['other_steps']} other steps, whose kernels count too; mean batch {wjs['bs_mean']:.1f}); " if dec
            else f"decode window: not reached ({st['decode']['steps']} decode steps in all); ")
           + f"prefill-only run: {n_pre} steps, {pjs['tokens_per_step']:,.0f} tokens/step")
+    if cuda and dec:
+        span, busy = busy_span(window)
+        wjs |= {"span_ms": span / 1e3 / len(dec), "busy_ms": busy / 1e3 / len(dec)}
+        print(f"decode window on the GPU: {wjs['span_ms']:.3f} ms/step first kernel to last, {wjs['busy_ms']:.3f} "
+              f"with a kernel running: {1 - busy / max(span, 1e-9):.1%} between kernels")
     classes = class_table([("decode step (window)", aggregate(window) if window else {}, len(dec)),
                            ("prefill step", aggregate(pre), n_pre)])
     return {"engine": "aengine", "seconds": wall, "output_tokens": n_out, "tok_per_s": n_out / wall,

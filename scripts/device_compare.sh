@@ -21,8 +21,8 @@
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
 #   w4-prefill-profile  the same on W1's model over lone 562-token prompts: the prefill step between two decode
 #             steps behind W4's inter-token tail at 32 req/s
-#   arrivals[:RATE]  benchmarks/arrivals.py: W4's requests in-process at RATE req/s (default 32), its ITL and
-#             the steps inside the gaps over 2x the median
+#   arrivals[:RATE[:JSON]]  benchmarks/arrivals.py: W4's requests in-process at RATE req/s (default 32), its ITL
+#             and the steps its gaps over 2x the median waited for; JSON: more EngineConfig fields
 #   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
@@ -133,9 +133,10 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
     ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
         --window 1,2 --host-prefill ;;
-    arrivals|arrivals:*) rate=${s#arrivals}; rate=${rate#:}  # W4's tail in-process, what sits in its gaps
-      run "arrivals ${rate:-32}" arrivals.log python3 benchmarks/arrivals.py --model $Q06 --load-format dummy \
-        --tokenizer .tok --request-rate "${rate:-32}" --json "$LOGS/arrivals.jsonl"
+    arrivals|arrivals:*) rate=${s#arrivals}; rate=${rate#:}; json=${rate#*:}; rate=${rate%%:*}  # W4's tail in-process
+      [ "$json" = "$rate" ] && json="{}"  # arrivals:RATE:JSON: more EngineConfig fields, e.g. {"enable_mixed_chunk":true}
+      run "arrivals ${rate:-32} $json" arrivals.log python3 benchmarks/arrivals.py --model $Q06 --load-format dummy \
+        --tokenizer .tok --request-rate "${rate:-32}" --engine-json "$json" --json "$LOGS/arrivals.jsonl"
       grep -E "requests at|gaps" "$LOGS/arrivals.log" | tail -n 3 | tee -a "$LOGS/run.log" ;;
     w4-prefill-profile) run "w4 prefill profile" w4-prefill-profile.log python3 benchmarks/step_profile.py --model $Q06 \
         --load-format dummy --tokenizer .tok --num-prompts 8 --input-len 562,562 --output-len 4,4 \

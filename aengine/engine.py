@@ -101,7 +101,7 @@ class AsyncEngine:
             ids = self.tokenizer.apply_chat_template(messages)
         else:
             ids = input_ids
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:  # in C: bool (and subclasses) out
                 raise InvalidRequest("input_ids must be a list of integers")
             if ids and (min(ids) < 0 or max(ids) >= vocab):  # min/max run in C; the list only on error
                 bad = [t for t in ids if not 0 <= t < vocab]

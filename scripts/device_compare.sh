@@ -10,6 +10,7 @@
 #   w1-base[:FLAGS]  W1 of another aengine tree in ./.base (e.g. `git archive <commit> aengine benchmarks`)
 #   w1-at:DIR[:FLAGS]  the same for the tree in ./DIR (A/B/C runs in one call)
 #   w2        aengine W2, and Mini-SGLang's W2 (benchmarks/peers/mini_sglang.py) when the kit is here
+#   w2:FLAGS  aengine's W2 alone, FLAGS added (commas for spaces)
 #   profile   benchmarks/step_profile.py on W1 for aengine and for Mini-SGLang (profile:FLAGS: aengine only,
 #             FLAGS added, commas for spaces: profile:--window,130:8)
 #   tests     the GPU tests (if the fused QKV kernel's test fails, later stages run with AENGINE_NO_FUSED=1)
@@ -21,6 +22,7 @@
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
 #   w4-prefill-profile  the same on W1's model over lone 562-token prompts: the prefill step between two decode
 #             steps behind W4's inter-token tail at 32 req/s
+#   ttft[:FLAGS]  benchmarks/ttft.py: W2's TTFT(1,024) taken apart (call to launch, launch, result, return, GPU span)
 #   arrivals[:RATE[:JSON]]  benchmarks/arrivals.py: W4's requests in-process at RATE req/s (default 32), its ITL
 #             and the steps its gaps over 2x the median waited for; JSON: more EngineConfig fields
 #   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
@@ -133,6 +135,10 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
     ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
         --window 1,2 --host-prefill ;;
+    ttft|ttft:*) extra=${s#ttft}; extra=${extra#:}; extra=${extra//,/ }  # W2's TTFT taken apart
+      run "ttft $extra" ttft.log python3 benchmarks/ttft.py --model $L8 --load-format dummy --tokenizer .tok \
+        --json "$LOGS/ttft.jsonl" $extra
+      grep -A1 "^TTFT" "$LOGS/ttft.log" | tail -n 2 | tee -a "$LOGS/run.log" ;;
     arrivals|arrivals:*) rate=${s#arrivals}; rate=${rate#:}; json=${rate#*:}; rate=${rate%%:*}  # W4's tail in-process
       [ "$json" = "$rate" ] && json="{}"  # arrivals:RATE:JSON: more EngineConfig fields, e.g. {"enable_mixed_chunk":true}
       run "arrivals ${rate:-32} $json" arrivals.log python3 benchmarks/arrivals.py --model $Q06 --load-format dummy \
@@ -149,6 +155,8 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
       grep -E "^rate|throughput|ITL|server" "$LOGS/w4.log" | tail -n 10 | tee -a "$LOGS/run.log" ;;
     w1:*) extra=${s#w1:}; extra=${extra//,/ }
       bench "w1 $extra" --workload w1 --model $Q06 $extra ;;
+    w2:*) extra=${s#w2:}; extra=${extra//,/ }  # aengine only, with these flags
+      bench "w2 $extra" --workload w2 --model $L8 --repeats 3 $extra ;;
     moe) run "flashinfer JIT" jit.log python3 scripts/fi_warmup.py prefill decode norm act rope sampling moe
       PT=""; python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout 300 --timeout-method thread"
       run "moe gpu tests" moe-tests.log python3 -m pytest -m gpu -v -rsP tests/test_gpu.py -k moe -p no:cacheprovider $PT

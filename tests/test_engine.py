@@ -89,6 +89,9 @@ def test_bad_prompts(embedded, llm_check):
         embedded.generate([[]], GREEDY)
     with pytest.raises(InvalidRequest, match="out of range"):
         embedded.generate([[1, 2, 10**9]], GREEDY)
+    for bad in ([1, True], [1, 2.0], [1, "2"], [1, None]):  # only plain ints are token ids
+        with pytest.raises(InvalidRequest, match="list of integers"):
+            embedded.engine.encode(input_ids=bad)
     n = embedded.engine.max_model_len
     with pytest.raises(ContextLengthExceeded, match=f"{n}"):
         embedded.generate([[5] * n], GREEDY)

@@ -22,7 +22,7 @@
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
 #   w4-prefill-profile  the same on W1's model over lone 562-token prompts: the prefill step between two decode
 #             steps behind W4's inter-token tail at 32 req/s
-#   ttft[:FLAGS]  benchmarks/ttft.py: W2's TTFT(1,024) taken apart (call to launch, launch, result, return, GPU span)
+#   ttft[:FLAGS], ttft-at:DIR  benchmarks/ttft.py: W2's TTFT(1,024) taken apart (call to launch, launch, result, return, GPU span)
 #   arrivals[:RATE[:JSON]]  benchmarks/arrivals.py: W4's requests in-process at RATE req/s (default 32), its ITL
 #             and the steps its gaps over 2x the median waited for; JSON: more EngineConfig fields
 #   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
@@ -135,9 +135,10 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
     ttft-profile) run "ttft profile" ttft-profile.log python3 benchmarks/step_profile.py --model $L8 --load-format dummy \
         --tokenizer .tok --num-prompts 4 --input-len 1024,1024 --output-len 4,4 --max-prefill-tokens 1024 \
         --window 1,2 --host-prefill ;;
-    ttft|ttft:*) extra=${s#ttft}; extra=${extra#:}; extra=${extra//,/ }  # W2's TTFT taken apart
-      run "ttft $extra" ttft.log python3 benchmarks/ttft.py --model $L8 --load-format dummy --tokenizer .tok \
-        --json "$LOGS/ttft.jsonl" $extra
+    ttft|ttft:*|ttft-at:*) tree=. extra=${s#ttft}; extra=${extra#:}  # W2's TTFT taken apart (ttft-at:DIR: that tree's)
+      [[ $s == ttft-at:* ]] && { tree=${s#ttft-at:}; extra=""; }; extra=${extra//,/ }
+      run "ttft of $tree $extra" ttft.log python3 $tree/benchmarks/ttft.py --model $L8 --load-format dummy \
+        --tokenizer .tok --json "$LOGS/ttft.jsonl" $extra
       grep -A1 "^TTFT" "$LOGS/ttft.log" | tail -n 2 | tee -a "$LOGS/run.log" ;;
     arrivals|arrivals:*) rate=${s#arrivals}; rate=${rate#:}; json=${rate#*:}; rate=${rate%%:*}  # W4's tail in-process
       [ "$json" = "$rate" ] && json="{}"  # arrivals:RATE:JSON: more EngineConfig fields, e.g. {"enable_mixed_chunk":true}

@@ -25,6 +25,7 @@
 #   ttft[:FLAGS], ttft-at:DIR  benchmarks/ttft.py: W2's TTFT(1,024) taken apart (call to launch, launch, result, return, GPU span)
 #   arrivals[:RATE[:JSON]]  benchmarks/arrivals.py: W4's requests in-process at RATE req/s (default 32), its ITL
 #             and the steps its gaps over 2x the median waited for; JSON: more EngineConfig fields
+#   arrivals-at:DIR[:RATE[:JSON]]  the same for the tree in ./DIR
 #   w4-base[:FLAGS]  W4 of the tree in ./.base (as w1-base)
 #   w4[:FLAGS]  W4 over the WebSocket at 32 req/s and at saturation; FLAGS are extra server flags,
 #             commas for spaces (w4:--max-prefill-tokens,2048)
@@ -140,9 +141,12 @@ LLM('$Q06', load_format='dummy', tokenizer='.tok').close()" 2> "$LOGS/importtime
       run "ttft of $tree $extra" ttft.log python3 $tree/benchmarks/ttft.py --model $L8 --load-format dummy \
         --tokenizer .tok --json "$LOGS/ttft.jsonl" $extra
       grep -A1 "^TTFT" "$LOGS/ttft.log" | tail -n 2 | tee -a "$LOGS/run.log" ;;
-    arrivals|arrivals:*) rate=${s#arrivals}; rate=${rate#:}; json=${rate#*:}; rate=${rate%%:*}  # W4's tail in-process
+    arrivals|arrivals:*|arrivals-at:*) tree=. rate=${s#arrivals}  # W4's tail in-process (arrivals-at:DIR:...: that tree's)
+      [[ $s == arrivals-at:* ]] && { rate=${s#arrivals-at:}; tree=${rate%%:*}; rate=${rate#"$tree"}; }
+      rate=${rate#:}; json=${rate#*:}; rate=${rate%%:*}
       [ "$json" = "$rate" ] && json="{}"  # arrivals:RATE:JSON: more EngineConfig fields, e.g. {"enable_mixed_chunk":true}
-      run "arrivals ${rate:-32} $json" arrivals.log python3 benchmarks/arrivals.py --model $Q06 --load-format dummy \
+      run "arrivals of $tree ${rate:-32} $json" arrivals.log python3 $tree/benchmarks/arrivals.py --model $Q06 \
+        --load-format dummy \
         --tokenizer .tok --request-rate "${rate:-32}" --engine-json "$json" --json "$LOGS/arrivals.jsonl"
       grep -E "requests at|gaps" "$LOGS/arrivals.log" | tail -n 3 | tee -a "$LOGS/run.log" ;;
     w4-prefill-profile) run "w4 prefill profile" w4-prefill-profile.log python3 benchmarks/step_profile.py --model $Q06 \

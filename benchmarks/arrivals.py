@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from benchmarks.common import emit_json, machine, pair, percentiles, w1_requests  # noqa: E402
+from benchmarks.common import emit_json, machine, pair, percentiles, step_kind, w1_requests  # noqa: E402
 from benchmarks.load import arrivals  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ex, orig = engine.executor, engine.executor.launch
 
     def launch(inp: Any, *more: Any) -> Any:
-        kind = "decode" if inp.decode else "mixed" if inp.decoding else "prefill"
+        kind = step_kind(inp)
         steps.append((time.perf_counter(), kind, 0 if inp.decode else sum(inp.extend_lens) - inp.decoding))
         return orig(inp, *more)
 

@@ -32,6 +32,11 @@ def w1_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int],
     return prompts, max_tokens
 
 
+def step_kind(inp: object) -> str:
+    """A StepInput's kind: "decode", "mixed" (a prefill step whose first rows decode) or "prefill"."""
+    return "decode" if inp.decode else "mixed" if getattr(inp, "decoding", 0) else "prefill"
+
+
 def pair(s: str) -> tuple[int, int]:
     """'lo,hi' or 'lo:hi' (or one number) for a length range flag; ':' survives device_compare.sh's commas."""
     lo, _, hi = s.replace(":", ",").partition(",")

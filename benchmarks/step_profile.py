@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks.common import emit_json, machine, pair, percentiles, w1_requests  # noqa: E402
+from benchmarks.common import emit_json, machine, pair, percentiles, step_kind, w1_requests  # noqa: E402
 
 # First match wins: specific names first (prof.py's "flash" put flashinfer's norm kernels under
 # attention). aten:: op names are matched too, for the CPU smoke test.
@@ -153,7 +153,7 @@ class Recorder:
         ex.launch = self.launch
 
     def launch(self, inp: Any, *more: Any) -> Any:
-        kind = "decode" if inp.decode else "mixed" if getattr(inp, "decoding", 0) else "prefill"
+        kind = step_kind(inp)
         edge = False
         if kind == "decode" and self.k >= 0:
             if self.decodes == self.k:

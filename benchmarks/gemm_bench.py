@@ -4,6 +4,8 @@ cuBLAS (torch's F.linear, the engine's path), cuBLASLt, and a Triton kernel auto
 sizes that put more CTAs on the weights. A decode GEMM reads its weights once: the figure of merit is
 weight TB/s (the H200's HBM gives ~4.3 in a device-to-device copy). Relative error vs fp32 for each.
   python benchmarks/gemm_bench.py [--batch 64,128,212,256] [--json gemm.jsonl]   # ~2 min on an H200
+--shapes llama-8b instead takes the prefill GEMMs behind W2's TTFT (Llama-3.1-8B, 32 layers: QKV 4096->6144, O
+4096->4096, gate/up 4096->28,672, down 14,336->4096) at --batch 1024 rows; there the figure of merit is TFLOP/s.
 """
 
 import argparse
@@ -18,9 +20,10 @@ import torch  # noqa: E402
 
 from benchmarks.common import emit_json, machine  # noqa: E402
 
-SHAPES = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024),
-          "lm_head": (1024, 151_936)}  # (K, N)
-LAYERS, COPIES = 28, 8  # weights rotate over 8 copies (> the 50 MB L2 for every shape but the LM head's one)
+SHAPES = {"qwen3-0.6b": (28, {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024),
+                               "lm_head": (1024, 151_936)}),
+          "llama-8b": (32, {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28_672), "down": (14_336, 4096)})}
+COPIES = 8  # weights rotate over 8 copies (> the 50 MB L2 for every shape but the LM head's one)
 
 
 def ints(s: str) -> list[int]:
@@ -34,7 +37,8 @@ def triton_linear() -> Any:
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in [(64, 32, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
                                         (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 32, 256, 4, 3),
-                                        (32, 64, 128, 4, 4), (64, 64, 256, 4, 3), (128, 32, 128, 4, 4)]]
+                                        (32, 64, 128, 4, 4), (64, 64, 256, 4, 3), (128, 32, 128, 4, 4),
+                                        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]]  # the last two: prefill
 
     @triton.autotune(configs=configs, key=["M", "N", "K"])
     @triton.jit
@@ -76,7 +80,8 @@ def gpu_us(fn: Any, x: torch.Tensor, ws: list[torch.Tensor], reps: int) -> float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=ints, default=[32, 64, 128, 212, 256])
+    ap.add_argument("--shapes", default="qwen3-0.6b", choices=list(SHAPES))
+    ap.add_argument("--batch", type=ints, default=None, help="rows M (default: 32,64,128,212,256; llama-8b: 1024)")
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--json", default=None)
@@ -84,7 +89,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gemm_bench: needs a CUDA GPU, and torch sees none", file=sys.stderr)
         sys.exit(2)
-    dev, dt, info = torch.device("cuda"), torch.bfloat16, {"bench": "gemm_decode", **machine()}
+    layers, shapes = SHAPES[args.shapes]
+    batch = args.batch or ([1024] if args.shapes == "llama-8b" else [32, 64, 128, 212, 256])
+    dev, dt, info = torch.device("cuda"), torch.bfloat16, {"bench": "gemm_decode", "shapes": args.shapes, **machine()}
     tri = None if args.no_triton else triton_linear()
 
     def lt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -94,11 +101,11 @@ def main() -> None:
     if tri is not None:
         kinds["triton"] = tri
     per_step: dict[tuple[str, int], float] = {}
-    print(f"{'shape':>8} {'M':>4} | " + " | ".join(f"{k:^22}" for k in kinds) + " | triton config")
-    for name, (k, n) in SHAPES.items():
+    print(f"{'shape':>8} {'M':>4} | " + " | ".join(f"{k:^30}" for k in kinds) + " | triton config")
+    for name, (k, n) in shapes.items():
         g = torch.Generator(device=dev).manual_seed(0)
         ws = [torch.randn(n, k, dtype=dt, device=dev, generator=g) * k**-0.5 for _ in range(COPIES)]
-        for m in args.batch:
+        for m in batch:
             x = torch.randn(m, k, dtype=dt, device=dev, generator=g)
             ref = x.float() @ ws[0].float().T
             cells, cfg = [], ""
@@ -107,18 +114,20 @@ def main() -> None:
                 out = fn(x, ws[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = gpu_us(fn, x, ws, args.reps)
-                tbs = n * k * 2 / us / 1e6
-                mult = 1 if name == "lm_head" else LAYERS
+                tbs, tflops = n * k * 2 / us / 1e6, 2 * m * n * k / us / 1e6
+                mult = 1 if name == "lm_head" else layers
                 per_step[(kind, m)] = per_step.get((kind, m), 0.0) + us * mult
                 if kind == "triton":
                     cfg = str(tri.kernel.best_config)
                 emit_json({"shape": name, "m": m, "k": k, "n": n, "kernel": kind, "us": us, "tb_per_s": tbs,
+                           "tflop_per_s": tflops,
                            "rel_err": err, **({"config": cfg} if cfg else {}), **info}, args.json)
-                cells.append(f"{us:7.1f} µs {tbs:4.2f} {err:7.1e}")
+                cells.append(f"{us:7.1f} µs {tflops:4.0f} TF/s {tbs:4.2f} {err:7.1e}")
             print(f"{name:>8} {m:4d} | " + " | ".join(cells) + f" | {cfg}")
         del ws
-    print("cell: GPU µs (median), weight TB/s, rel err vs fp32. Per decode step (28 layers + LM head), ms:")
-    for m in args.batch:
+    print(f"cell: GPU µs (median), TFLOP/s, weight TB/s, rel err vs fp32. Per step ({layers} layers"
+          f"{' + LM head' if 'lm_head' in shapes else ''}), ms:")
+    for m in batch:
         print(f"  M={m:4d}: " + ", ".join(f"{k} {per_step[(k, m)] / 1e3:.3f}" for k in kinds))
 
 

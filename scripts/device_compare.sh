@@ -17,6 +17,7 @@
 #   attn      benchmarks/attn_bench.py: decode variants on W1's decode shape (attn:--triton: the engine's Triton kernel against flashinfer)
 #   attn-fp8, profile-fp8   the same over an FP8 KV pool
 #   gemm      benchmarks/gemm_bench.py: the decode step's GEMMs on W1's shape, cuBLAS, cuBLASLt and Triton
+#             (gemm:--shapes,llama-8b: the 1,024-row prefill GEMMs behind W2's TTFT)
 #   startup   engine start-up time, with the engine's own breakdown (INFO log)
 #   w2-profile  benchmarks/step_profile.py on W2's shape (Llama-3.1-8B, batch 1)
 #   ttft-profile  the same over 1,024-token prompts, one per step: the prefill step behind W2's TTFT, its host time
@@ -117,7 +118,8 @@ for s in $stages; do
       fi ;;
     attn|attn:*) extra=${s#attn}; extra=${extra#:}; extra=${extra//,/ }
       run "attn bench" attn.log python3 benchmarks/attn_bench.py --json "$LOGS/attn.jsonl" $extra ;;
-    gemm) run "gemm bench" gemm.log python3 benchmarks/gemm_bench.py --json "$LOGS/gemm.jsonl" ;;
+    gemm|gemm:*) extra=${s#gemm}; extra=${extra#:}; extra=${extra//,/ }  # gemm:--shapes,llama-8b: W2's prefill GEMMs
+      run "gemm bench $extra" gemm.log python3 benchmarks/gemm_bench.py --json "$LOGS/gemm.jsonl" $extra ;;
     attn-fp8|attn-fp8:*) extra=${s#attn-fp8}; extra=${extra#:}; extra=${extra//,/ }
       run "attn bench, FP8 KV" attn-fp8.log python3 benchmarks/attn_bench.py --kv-dtype fp8 \
         --json "$LOGS/attn.jsonl" $extra ;;

@@ -63,8 +63,8 @@ class LLM:
 
         rids = []
         try:
-            if any(p.constraint is not None for p in params):  # else no task to wait a loop turn for
-                await asyncio.gather(*(self.engine.grammars.prepare(p) for p in params))
+            # only constrained ones: gather wraps each in a task, a loop turn per call even for nothing to compile
+            await asyncio.gather(*(self.engine.grammars.prepare(p) for p in params if p.constraint is not None))
             for ids, p in zip(prompt_ids, params):
                 self.engine.submit(rid := f"llm-{next(self._ids)}", ids, p, emit)
                 rids.append(rid)

@@ -49,6 +49,7 @@ class Stream:
     submitted: bool = False  # False while its prompt is being tokenized
     left: int = 1  # completions not finished (n)
     cancelled: bool = False
+    held: int = 0  # its frame's bytes while it counts as tokenizing (Session._hold)
 
 
 def capped_max_tokens(server: Host, max_tokens: int | None, n_prompt: int) -> int | None:
@@ -138,11 +139,12 @@ class Session:
                 self.server.tokenizing_bytes + len(frame) > self.server.cfg.max_waiting_bytes:
             self.error(msg.id, "overloaded", "too many prompt bytes are waiting to be tokenized; retry later")
         else:
-            self.live[msg.id] = st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n)
+            self.live[msg.id] = st = Stream(msg.id, f"{self.no}:{msg.id}", msg.stream, time.monotonic(), left=msg.n,
+                                            held=len(frame))
             self._hold(len(frame))  # not yet in the scheduler's queue, but it will be
             self.tasks.add(task := asyncio.create_task(self._start(st, msg)))
             # a done callback, not a finally: a task cancelled before it starts never runs its body
-            task.add_done_callback(lambda t, n=len(frame): (self.tasks.discard(t), self._hold(-n)))
+            task.add_done_callback(lambda t: (self.tasks.discard(t), self._release(st)))
 
     def _hold(self, n: int) -> None:
         """Count a request and its frame's bytes from its generate frame until it is queued or refused."""
@@ -151,6 +153,12 @@ class Session:
         self.tokenizing_bytes += n
         if n <= -(1 << 18) and not self.server.tokenizing and not self.server.draining and _TRIM is not None:
             self.server.tok_pool.submit(_TRIM, 0)  # a big prompt left and the tokenizer is idle
+
+    def _release(self, st: Stream) -> None:
+        """st no longer counts as tokenizing: it is queued (counted as waiting from then on) or refused."""
+        if st.held:
+            self._hold(-st.held)
+            st.held = 0
 
     def cancel(self, id: str) -> None:
         if (st := self.live.get(id)) is None:
@@ -173,6 +181,7 @@ class Session:
                 self.live.pop(st.id, None)
                 self.send(Done(st.id, "cancelled", Usage(len(ids), 0, 0), Timing(0.0, self._ms(st.t0))))
                 return
+            self._release(st)  # in the scheduler's queue from here: counted there, not twice until the task ends
             self.engine.submit(st.rid, ids, params, lambda d: self._emit(st, d))
             st.submitted, st.t_submit = True, time.monotonic()
         except (EngineError, ValueError) as e:  # ValueError: e.g. a tokenizer without a chat template
